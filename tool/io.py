@@ -1,0 +1,76 @@
+"""Input errors and crash-safe file writing.
+
+Every file this project writes goes through `atomic_write`: the content lands under a temporary
+name in the same folder and is renamed into place only when complete, so a kill at any moment
+leaves either the old file or the new one, never half of one.
+"""
+import contextlib
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class InputError(Exception):
+    """Bad input from the user: a file or an argument. The message is one line naming the file
+    (or flag) and the problem; command lines print it and exit with status 2."""
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`; rename it onto `path` when the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    except OSError as e:
+        raise InputError(f'{folder}: cannot write here ({e.strerror})') from None
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_torch(obj, path):
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_text(text, path):
+    with atomic_write(path) as tmp:
+        with open(tmp, 'w') as f:
+            f.write(text)
+
+
+def save_palette_png(mask, palette, path):
+    """Write an (H, W) array of class indices as an 8-bit palette PNG.
+
+    `palette` is a flat list of RGB values (3 per class index)."""
+    image = Image.fromarray(np.asarray(mask, dtype=np.uint8), 'P')
+    image.putpalette(list(palette))
+    with atomic_write(path) as tmp:
+        image.save(tmp, format='PNG')
+
+
+def save_png(rgb, path):
+    with atomic_write(path) as tmp:
+        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(tmp, format='PNG')
+
+
+def run_cli(main, args):
+    """Run `main(args)`; turn an InputError into one line on stderr and exit status 2.
+
+    With `args.debug` the traceback is kept."""
+    try:
+        return main(args)
+    except InputError as e:
+        if getattr(args, 'debug', False):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
