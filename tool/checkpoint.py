@@ -30,7 +30,7 @@ def load_checkpoint(path, map_location='cpu'):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+        if 'Unsupported global' in str(e):
             raise InputError(f'{path}: refused, the checkpoint contains objects that would run code '
                              f'when loaded ({_unsafe_globals(path) or first})') from None
         raise InputError(f'{path}: corrupt checkpoint ({first})') from None

@@ -19,6 +19,10 @@ class InputError(Exception):
     (or flag) and the problem; command lines print it and exit with status 2."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yield a temporary path beside `path`; rename it onto `path` when the block succeeds."""
@@ -31,6 +35,7 @@ def atomic_write(path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -51,9 +56,11 @@ def save_text(text, path):
 def save_palette_png(mask, palette, path):
     """Write an (H, W) array of class indices as an 8-bit palette PNG.
 
-    `palette` is a flat list of RGB values (3 per class index)."""
+    `palette` is a flat list of RGB values (3 per class index). It is padded to 256 entries: PIL
+    otherwise writes a 4-bit PNG for a short palette and indices of 16 and above are lost."""
     image = Image.fromarray(np.asarray(mask, dtype=np.uint8), 'P')
-    image.putpalette(list(palette))
+    palette = list(palette)
+    image.putpalette(palette + [0] * (768 - len(palette)))
     with atomic_write(path) as tmp:
         image.save(tmp, format='PNG')
 

@@ -83,15 +83,25 @@ def seed_everything(seed):
 
 def rng_state():
     """Every RNG a training step draws from, so a resumed run continues the same random stream."""
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    # Only tensors and plain containers, so that a resume state loads with weights_only=True.
+    version, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': _python_rng_to_tensor(), 'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)),
+             'pos': pos, 'has_gauss': has_gauss, 'cached_gaussian': cached}, 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _python_rng_to_tensor():
+    version, internal, gauss_next = random.getstate()
+    return {'version': version, 'internal': torch.tensor(internal, dtype=torch.int64), 'gauss_next': gauss_next}
+
+
 def set_rng_state(state):
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    python = state['python']
+    random.setstate((python['version'], tuple(python['internal'].tolist()), python['gauss_next']))
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])

@@ -1,0 +1,124 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tool import synth
+from tool.data import BACKGROUND, PALETTES, TissueDataset, parse_label, read_mask
+from tool.io import InputError
+
+
+def generate(out, dataset, seed=0, train=24, size=64):
+    synth.main(synth.parse_args(['--out', str(out), '--dataset', dataset, '--size', str(size),
+                                 '--train', str(train), '--val', '3', '--test', '2', '--seed', str(seed)]))
+    return out
+
+
+def digests(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module', params=['luad', 'bcss'])
+def generated(request, tmp_path_factory):
+    dataset = request.param
+    return dataset, generate(tmp_path_factory.mktemp(dataset) / 'SYNTH', dataset)
+
+
+def test_layout_and_names(generated):
+    dataset, root = generated
+    assert sorted(p.name for p in root.iterdir()) == ['test', 'train', 'train_gt', 'val']
+    train = sorted(p.name for p in (root / 'train').iterdir())
+    assert len(train) == 24 and train == sorted(p.name for p in (root / 'train_gt').iterdir())
+    first = {'luad': 'synth-000000-[', 'bcss': 'SYNTH_xmin0_ymin0+0['}[dataset]
+    assert train[0].startswith(first)
+    other = {'luad': 'bcss', 'bcss': 'luad'}[dataset]
+    with pytest.raises(InputError, match=f'{dataset}-style label'):
+        parse_label(train[0], other)  # each dataset keeps its own naming style
+    for split, count in (('val', 3), ('test', 2)):
+        images = sorted(p.name for p in (root / split / 'img').iterdir())
+        assert len(images) == count and images == sorted(p.name for p in (root / split / 'mask').iterdir())
+    image = Image.open(root / 'train' / train[0])
+    mask = Image.open(root / 'train_gt' / train[0])
+    assert image.mode == 'RGB' and image.size == (64, 64)
+    assert mask.mode == 'P' and mask.getpalette()[:15] == PALETTES[dataset]
+
+
+def test_labels_are_the_classes_in_the_masks(generated):
+    dataset, root = generated
+    ds = TissueDataset(root, 'train', dataset, mask_dirs=['train_gt'])
+    assert ds.labels.shape == (24, 4) and ds.labels.sum(1).min() >= 1
+    backgrounds = 0
+    for i, name in enumerate(ds.names):
+        mask = read_mask(root / 'train_gt' / name)
+        share = np.bincount(mask.ravel(), minlength=BACKGROUND + 1) / mask.size
+        assert ds.labels[i].tolist() == (share[:BACKGROUND] > 0).tolist()
+        present = share[:BACKGROUND][share[:BACKGROUND] > 0]
+        assert present.min() >= synth.MIN_FRACTION and share[BACKGROUND] <= synth.MAX_BACKGROUND
+        backgrounds += share[BACKGROUND] > 0
+    # background (value 4, white glass) only in luad, where a good share of patches show some
+    assert backgrounds == 0 if dataset == 'bcss' else backgrounds >= 4
+    assert (ds.labels.sum(1) > 1).mean() > 0.4 and ds.labels.min(0).tolist() == [0] * 4  # mixed, not all
+    for split in ('val', 'test'):
+        assert len(TissueDataset(root, split, dataset)) == {'val': 3, 'test': 2}[split]
+
+
+def test_same_seed_same_bytes_and_longer_runs_extend(tmp_path, generated):
+    dataset, root = generated
+    again = digests(generate(tmp_path / 'again', dataset))
+    assert again == digests(root)
+    longer = digests(generate(tmp_path / 'longer', dataset, train=26))
+    assert {k: v for k, v in longer.items() if k in again} == again and len(longer) == len(again) + 4
+    other = digests(generate(tmp_path / 'other', dataset, seed=1))
+    images = [{v for k, v in run.items() if k.startswith('train/')} for run in (again, other)]
+    assert not images[0] & images[1]  # (masks may repeat: a one-class mask is one colour)
+
+
+def test_tissue_types_differ_in_texture():
+    """Nuclei (dark pixels) are densest in lymphocytes, then tumour; stroma and necrosis have
+    few; stroma is anisotropic (fibres), necrosis is not."""
+    bank = synth.stamp_bank(0, 'luad')
+    dark, anisotropy = {t: [] for t in synth.TISSUES}, {t: [] for t in synth.TISSUES}
+    for index in range(24):
+        rgb, mask = synth.make_patch(synth.patch_rng(0, 'luad', 'train', index), bank, 224, 'luad')
+        gray = rgb.astype(np.float32).mean(2)
+        for tissue, c in synth.CLASS_INDEX['luad'].items():
+            region = mask == c
+            if region.mean() > 0.3:
+                dark[tissue].append((gray[region] < 110).mean())
+                # gradient energy along the two axes of the strongest orientation, via the
+                # structure tensor of the region
+                gy, gx = np.gradient(gray)
+                j = np.array([[np.mean(gx[region] ** 2), np.mean(gx[region] * gy[region])],
+                              [np.mean(gx[region] * gy[region]), np.mean(gy[region] ** 2)]])
+                low, high = np.linalg.eigvalsh(j)
+                anisotropy[tissue].append(1 - low / high)
+    mean = {t: np.mean(v) for t, v in dark.items()}
+    assert all(len(v) >= 2 for v in dark.values())
+    assert mean['lymphocytes'] > 2 * mean['tumour'] > 2 * max(mean['stroma'], mean['necrosis'])
+    assert np.mean(anisotropy['stroma']) > 0.5 > 0.2 > np.mean(anisotropy['necrosis'])
+
+
+def test_existing_output_and_bad_flags_are_input_errors(tmp_path):
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'x').write_text('keep me')
+    for argv, problem in [(['--out', str(tmp_path / 'full')], f'{tmp_path / "full"}: exists and is not empty'),
+                          (['--out', str(tmp_path / 'a'), '--train', '0'], '--train 0: need at least one'),
+                          (['--out', str(tmp_path / 'a'), '--seed', '-1'], '--seed -1: must be 0 or more'),
+                          (['--out', str(tmp_path / 'a'), '--size', '16'], '--size 16:'),
+                          ([], '--out: give --out DIR')]:
+        with pytest.raises(InputError) as info:
+            synth.main(synth.parse_args(argv))
+        assert str(info.value).startswith(problem)
+    assert (tmp_path / 'full' / 'x').read_text() == 'keep me' and not (tmp_path / 'a').exists()
+    assert [p.name for p in tmp_path.iterdir()] == ['full']  # no partial folder left behind
+
+
+def test_figure_is_reproducible(tmp_path):
+    for name in ('a.png', 'b.png'):
+        synth.save_figure(tmp_path / name, seed=0, size=48, per_dataset=2)
+    figure = Image.open(tmp_path / 'a.png')
+    assert figure.mode == 'RGB' and figure.size[0] == 2 * (48 + 6) + 6
+    assert (tmp_path / 'a.png').read_bytes() == (tmp_path / 'b.png').read_bytes()

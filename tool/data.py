@@ -1,0 +1,272 @@
+"""Tissue patches, their labels and masks: reading, checking, augmenting.
+
+One dataset class serves every stage. The folder layout is the reference's:
+
+    <root>/train/*.png              patches, patch-level label in the file name (or a CSV)
+    <root>/val/img, val/mask        patches and pixel masks of the same file names
+    <root>/test/img, test/mask
+    <root>/train_PM/PM_bn7 ...      pseudo-masks of the train patches (stage 2), same names
+
+Masks hold class indices 0..3 and BACKGROUND (4, white non-tissue, excluded from metrics).
+Bad input raises InputError naming the file: the cheap checks (names, labels, masks present,
+sizes from the PNG headers) when the dataset is built, decoding errors when a patch is read.
+"""
+import csv
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from tool.io import InputError
+
+CLASS_NAMES = {'luad': ('TE', 'NEC', 'LYM', 'TAS'), 'bcss': ('TUM', 'STR', 'LYM', 'NEC')}
+PALETTES = {
+    'luad': [205, 51, 51, 0, 255, 0, 65, 105, 225, 255, 165, 0, 255, 255, 255],
+    'bcss': [255, 0, 0, 0, 255, 0, 0, 0, 255, 153, 0, 255, 255, 255, 255],
+}
+# A custom dataset brings its own labels (CSV) but is drawn and named like LUAD-HistoSeg.
+CLASS_NAMES['custom'] = CLASS_NAMES['luad']
+PALETTES['custom'] = PALETTES['luad']
+BACKGROUND = 4
+N_CLASS = 4
+
+# The two naming styles of the released datasets: the label is the text between the last '['
+# and the first ']' after it; LUAD-HistoSeg writes '[1 0 0 1]', BCSS-WSSS writes '[1001]'.
+LABEL_STYLES = {'luad': re.compile(r'[01]( [01]){3}'), 'bcss': re.compile(r'[01]{4}')}
+LABEL_EXAMPLES = {'luad': "'[a b c d]' (four 0/1 digits separated by spaces)",
+                  'bcss': "'[abcd]' (four 0/1 digits, no spaces)"}
+AUGMENTATIONS = (None, 'flip', 'flip_blur')
+
+
+def parse_label(filename, dataset):
+    """The patch-level label written in a file name: np.float32 array (4,) of 0/1."""
+    if dataset not in LABEL_STYLES:
+        raise InputError(f'{filename}: --dataset {dataset} has no labels in file names '
+                         f'(expected luad or bcss; a custom dataset takes its labels from a CSV)')
+    name = os.path.basename(filename)  # brackets in folder names are not labels
+    start = name.rfind('[')
+    end = name.find(']', start + 1)
+    if start < 0 or end < 0:
+        raise InputError(f'{filename}: no label in the file name; --dataset {dataset} expects '
+                         f'{LABEL_EXAMPLES[dataset]}')
+    text = name[start + 1:end]
+    if not LABEL_STYLES[dataset].fullmatch(text):
+        other = [d for d, style in LABEL_STYLES.items() if d != dataset and style.fullmatch(text)]
+        found = f'a {other[0]}-style label' if other else 'the label'
+        raise InputError(f'{filename}: {found} [{text}] does not fit --dataset {dataset}, which expects '
+                         f'{LABEL_EXAMPLES[dataset]}')
+    return check_label(np.array(text.split() if ' ' in text else list(text), dtype=np.float32), filename)
+
+
+def check_label(label, name):
+    if not label.any():
+        raise InputError(f'{name}: label [0 0 0 0] names no class; every training patch needs at least one')
+    return label
+
+
+def read_labels_csv(path):
+    """Labels of a custom dataset: {file name: np.float32 (4,)} from rows 'file,a,b,c,d'.
+
+    A first row whose label columns are not 0/1 is a header and skipped."""
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f'{path}: cannot read the labels CSV ({e})') from None
+    labels = {}
+    for line, row in enumerate(rows, start=1):
+        row = [cell.strip() for cell in row]
+        if not any(row):
+            continue
+        values = row[1:]
+        if len(row) != 5 or any(v not in ('0', '1') for v in values):
+            if line == 1 and len(row) == 5:
+                continue
+            raise InputError(f'{path}: line {line} should be "file,a,b,c,d" with 0/1 labels, got {",".join(row)!r}')
+        if row[0] in labels:
+            raise InputError(f'{path}: line {line} repeats {row[0]}')
+        labels[row[0]] = check_label(np.array(values, dtype=np.float32), f'{path}: line {line} ({row[0]})')
+    return labels
+
+
+def open_image(path):
+    """Open a PNG lazily (header only); a file that is not an image is an InputError."""
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise InputError(f'{path}: file not found') from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f'{path}: not a readable image ({e})') from None
+
+
+def image_size(path):
+    """(width, height) from the PNG header, without decoding the pixels."""
+    with open_image(path) as image:
+        return image.size
+
+
+def decode(image, path):
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f'{path}: cannot decode the image, truncated or corrupt ({e})') from None
+
+
+def read_rgb(path):
+    """The patch as np.uint8 (H, W, 3). Alpha is dropped (as the reference's convert('RGB')),
+    grayscale and palette images are expanded, 16/32-bit grayscale is scaled to 8 bits."""
+    with open_image(path) as image:
+        decode(image, path)
+        if image.mode.startswith('I'):
+            # 16-bit PNGs decode to 'I;16' (or 'I'); 65535 / 257 = 255 maps full scale to full scale.
+            gray = np.round(np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        return np.asarray(image.convert('RGB'))
+
+
+def read_mask(path):
+    """Class indices np.uint8 (H, W) from a palette PNG (the indices) or a grayscale PNG (the
+    values), checked to lie in 0..4."""
+    with open_image(path) as image:
+        decode(image, path)
+        if image.mode not in ('P', 'L'):
+            raise InputError(f'{path}: a mask must be a palette (P) or grayscale (L) PNG of class '
+                             f'indices, got mode {image.mode}')
+        mask = np.array(image)
+    if mask.max() > BACKGROUND:
+        bad = np.unique(mask[mask > BACKGROUND])
+        raise InputError(f'{path}: mask value {bad[0]} outside 0..{BACKGROUND} '
+                         f'({len(bad)} distinct bad value(s): {bad[:5].tolist()})')
+    return mask
+
+
+def label_from_mask(mask):
+    """Classes present in a pixel mask (background is not a class)."""
+    return np.bincount(mask.ravel(), minlength=BACKGROUND + 1)[:N_CLASS].astype(bool).astype(np.float32)
+
+
+def list_pngs(folder):
+    """Sorted '.png' file names of a folder. Other files and hidden ones ('._x.png' from macOS
+    archives) are ignored, like the reference's glob."""
+    if not os.path.isdir(folder):
+        raise InputError(f'{folder}: folder not found')
+    names = sorted(n for n in os.listdir(folder)
+                   if n.endswith('.png') and not n.startswith('.') and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise InputError(f'{folder}: no .png files')
+    return names
+
+
+class TissueDataset(torch.utils.data.Dataset):
+    """Patches of one split, each with its patch label and optional masks of the same name.
+
+    split 'train': images root/train/*.png, labels from the file names (dataset 'luad' or
+    'bcss') or from labels_csv (required for 'custom'). split 'val'/'test': images
+    root/<split>/img, masks by default from <split>/mask, label = classes present in
+    <split>/mask. mask_dirs: folders under root with a mask per image (e.g. the three
+    pseudo-mask folders, or 'train_gt'). files: restrict to these file names.
+    augment: None, 'flip' (random horizontal and vertical flips; stage 1) or 'flip_blur'
+    (horizontal flip, then with p=0.5 a Gaussian blur of radius U(0, 1) on the image only;
+    stage 2). Random draws come from torch, so DataLoader worker seeding makes them repeatable.
+    """
+
+    def __init__(self, root, split, dataset, mask_dirs=None, augment=None, labels_csv=None, files=None):
+        if dataset not in CLASS_NAMES:
+            raise InputError(f'--dataset {dataset}: unknown (choose from {", ".join(CLASS_NAMES)})')
+        if split not in ('train', 'val', 'test'):
+            raise InputError(f'split {split!r}: unknown (choose from train, val, test)')
+        if augment not in AUGMENTATIONS:
+            raise InputError(f'augment {augment!r}: unknown (choose from {AUGMENTATIONS})')
+        self.root, self.split, self.dataset, self.augment = root, split, dataset, augment
+        # Train labels come from names or a CSV; val/test labels from their ground-truth masks.
+        self.label_dir = None if split == 'train' else os.path.join(split, 'mask')
+        if mask_dirs is None:
+            mask_dirs = [] if split == 'train' else [self.label_dir]
+        self.mask_dirs = list(mask_dirs)
+        self.image_dir = os.path.join(root, 'train' if split == 'train' else os.path.join(split, 'img'))
+
+        self.names = self.select_names(list_pngs(self.image_dir), files)
+        self.check_masks_match_images()
+        self._labels = self.read_train_labels(labels_csv) if split == 'train' else None
+
+    def select_names(self, present, files):
+        if files is None:
+            return present
+        missing = sorted(set(files) - set(present))
+        if missing:
+            raise InputError(f'{os.path.join(self.image_dir, missing[0])}: file not found '
+                             f'({len(missing)} requested file(s) missing)')
+        return sorted(set(files))
+
+    def check_masks_match_images(self):
+        folders = list(self.mask_dirs)
+        if self.label_dir is not None and self.label_dir not in folders:
+            folders.append(self.label_dir)
+        for folder in folders:
+            if not os.path.isdir(os.path.join(self.root, folder)):
+                raise InputError(f'{os.path.join(self.root, folder)}: mask folder not found')
+        for name in self.names:
+            size = image_size(os.path.join(self.image_dir, name))
+            for folder in folders:
+                path = os.path.join(self.root, folder, name)
+                if not os.path.isfile(path):
+                    raise InputError(f'{path}: mask missing for image {os.path.join(self.image_dir, name)}')
+                mask_size = image_size(path)
+                if mask_size != size:
+                    raise InputError(f'{path}: mask is {mask_size[0]}x{mask_size[1]} but the image '
+                                     f'is {size[0]}x{size[1]}')
+
+    def read_train_labels(self, labels_csv):
+        if labels_csv is None:
+            if self.dataset == 'custom':
+                raise InputError(f'{self.image_dir}: --dataset custom needs a labels CSV (file,a,b,c,d)')
+            return np.stack([parse_label(os.path.join(self.image_dir, name), self.dataset) for name in self.names])
+        table = read_labels_csv(labels_csv)
+        for name in self.names:
+            if name not in table:
+                raise InputError(f'{os.path.join(self.image_dir, name)}: no row in {labels_csv}')
+        return np.stack([table[name] for name in self.names])
+
+    @property
+    def labels(self):
+        """np.float32 (N, 4). For val/test the masks are read once, on first use."""
+        if self._labels is None:
+            self._labels = np.stack([label_from_mask(read_mask(os.path.join(self.root, self.label_dir, name)))
+                                     for name in self.names])
+        return self._labels
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        name = self.names[index]
+        image = read_rgb(os.path.join(self.image_dir, name))
+        masks = [read_mask(os.path.join(self.root, folder, name)) for folder in self.mask_dirs]
+        if self._labels is not None:
+            label = self._labels[index]
+        elif self.label_dir in self.mask_dirs:
+            label = label_from_mask(masks[self.mask_dirs.index(self.label_dir)])
+        else:
+            label = label_from_mask(read_mask(os.path.join(self.root, self.label_dir, name)))
+        if self.augment is not None:
+            image, masks = random_augment(image, masks, self.augment)
+        item = dict(name=name, image=torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)) / np.float32(255)),
+                    label=torch.from_numpy(label.copy()))
+        if masks:
+            item['masks'] = torch.from_numpy(np.stack(masks).astype(np.int64))
+        return item
+
+
+def random_augment(image, masks, kind):
+    """Flip the image and all masks together; blur only the image (masks stay exact)."""
+    draw = torch.rand(3).tolist()
+    flips = [1] if kind == 'flip_blur' else [1, 0]  # axis 1: horizontal, axis 0: vertical
+    for axis, u in zip(flips, draw):
+        if u < 0.5:
+            image = image[:, ::-1] if axis == 1 else image[::-1]
+            masks = [m[:, ::-1] if axis == 1 else m[::-1] for m in masks]
+    if kind == 'flip_blur' and draw[1] < 0.5:
+        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius=draw[2])))
+    return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in masks]
