@@ -76,7 +76,9 @@ class Net(nn.Module):
         if unit < 1:
             raise ValueError(f'width {width} leaves no channels')
         self.width = unit / 64
-        c = lambda reference_channels: reference_channels // 64 * unit
+
+        def c(reference_channels):
+            return reference_channels // 64 * unit
 
         self.conv1a = nn.Conv2d(3, c(64), 3, padding=1, bias=False)
 

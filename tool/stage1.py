@@ -1,0 +1,468 @@
+"""Stage 1: train the ResNet-38 patch classifier with progressive dropout attention (PDA), then
+score its class activation maps (CAMs) as a segmentation of the test split.
+
+    python 1_train_stage1.py --dataroot datasets/LUAD-HistoSeg --dataset luad \\
+        --weights init_weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params
+    python 1_train_stage1.py --test_only --weights checkpoints/stage1_checkpoint_trained_on_luad.pth \\
+        --dataroot datasets/LUAD-HistoSeg --dataset luad
+    torchrun --nproc_per_node=4 1_train_stage1.py ...           # distributed, same flags
+
+Every flag of the reference's 1_train_stage1.py keeps its meaning and default. Writes to
+--save_folder: stage1_checkpoint_trained_on_<dataset>.pth (bare state_dict, loadable by the
+reference), stage1_resume.pth (every epoch, for --resume), metrics.jsonl (every step),
+stage1_test_metrics.json, stage1_args.json.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from network.pda import next_gamma
+from network.resnet38_cls import Net, load_backbone
+from tool.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict, save_checkpoint
+from tool.data import CLASS_NAMES, N_CLASS, TissueDataset
+from tool.io import InputError, save_text
+from tool.metrics import ConfusionMatrix, format_table, scores_to_json
+from tool.mxnet_params import resnet38d_state_dict
+from tool.utils import (MetricsLog, all_reduce_sum, check_finite, get_rank, get_world_size,
+                        init_distributed_mode, is_main_process, poly_lr, resolve_device, rng_state,
+                        seed_everything, set_rng_state, write_run_record)
+
+PDA_FIRST_EPOCH = 3     # the reference enables PDA when the 0-based epoch is > 2
+CAM_THRESHOLD = 0.25    # test phase: a class is present when sigmoid(logit) > 0.25
+RESUME_FILE = 'stage1_resume.pth'
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description='Stage 1: train the ResNet-38 CAM classifier with PDA, '
+                                                 'then score its CAMs on the test split', add_help=add_help)
+    # The reference's flags, same meaning and defaults.
+    parser.add_argument('--batch_size', default=20, type=int)
+    parser.add_argument('--max_epoches', default=20, type=int)
+    parser.add_argument('--network', default='network.resnet38_cls', choices=['network.resnet38_cls'],
+                        help='the classifier module (the reference has only this one)')
+    parser.add_argument('--lr', default=0.01, type=float,
+                        help='base lr: backbone weights lr, biases 2 lr, fc8 weight 10 lr, fc8 bias 20 lr')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--wt_dec', default=5e-4, type=float, help='weight decay (weights only, not biases)')
+    for flag, default in (('--session_name', 'Stage 1'), ('--env_name', 'PDA'), ('--model_name', 'PDA')):
+        parser.add_argument(flag, default=default, help='accepted and ignored: the reference names its visdom '
+                                                         'plots with it; we log to metrics.jsonl (and TensorBoard)')
+    parser.add_argument('--n_class', default=4, type=int)
+    parser.add_argument('--weights', default='init_weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params',
+                        help='initialisation: the ImageNet ResNet-38 (MXNet .params, or converted to .pth by '
+                             'tool.convert_weights) trains as the reference, with conv1a..b2_2 and every BatchNorm '
+                             'frozen; a stage-1 checkpoint is fine-tuned the same way; "none": random '
+                             'initialisation, every layer and BatchNorm trained. With --test_only: the checkpoint to test')
+    parser.add_argument('--trainroot', default='datasets/BCSS-WSSS/train/', help='the train folder of a dataset')
+    parser.add_argument('--testroot', default='datasets/BCSS-WSSS/test/',
+                        help='the test (or val) folder of a dataset, holding img/ and mask/')
+    parser.add_argument('--save_folder', default='checkpoints/')
+    parser.add_argument('--init_gama', default=1, type=float, help='initial PDA threshold gamma')
+    parser.add_argument('--dataset', default='bcss', choices=sorted(CLASS_NAMES))
+    # Ours.
+    parser.add_argument('--dataroot', help='dataset folder: sets --trainroot DATAROOT/train and --testroot DATAROOT/test')
+    parser.add_argument('--device', default='auto', help='auto (cuda when available), cpu or cuda')
+    parser.add_argument('--width', default=1.0, type=float,
+                        help='channel width of ResNet-38 (1.0 = reference); smaller for CPU runs')
+    parser.add_argument('--momentum', default=None, type=float,
+                        help='SGD momentum; default: the reference\'s effective value, which is --wt_dec '
+                             '(it passes weight decay where SGD expects momentum)')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', help='continue training from a resume file; "auto": SAVE_FOLDER/'
+                                         f'{RESUME_FILE} when it exists')
+    parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 where supported, '
+                                                            'else fp16 with loss scaling); ignored on the CPU')
+    parser.add_argument('--test_only', action='store_true', help='only score the CAMs of --weights on --testroot')
+    parser.add_argument('--print_freq', default=10, type=int,
+                        help='read losses back from the device every N steps (each step is still logged)')
+    parser.add_argument('--debug', action='store_true', help='show tracebacks of input errors')
+    return parser
+
+
+def checkpoint_path(args):
+    return os.path.join(args.save_folder, f'stage1_checkpoint_trained_on_{args.dataset}.pth')
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def make_data_loaders(args, device):
+    """(train loader, test loader); the train loader is None with --test_only.
+
+    Training batches come from a DistributedSampler (one process: all patches) reshuffled by
+    set_epoch, so epoch e draws the same batches whether or not the run was resumed before it.
+    Test patches are split over the processes without padding, so each is scored exactly once;
+    batch size 1 because test patches may differ in size."""
+    pin_memory = device.type == 'cuda'
+    test_root, test_split = dataset_folder(args.testroot, ('test', 'val'), '--testroot')
+    test_set = TissueDataset(test_root, test_split, args.dataset)
+    test_loader = DataLoader(Subset(test_set, range(get_rank(), len(test_set), get_world_size())),
+                             batch_size=1, num_workers=args.num_workers, pin_memory=pin_memory)
+    if args.test_only:
+        return None, test_loader
+    train_root, _ = dataset_folder(args.trainroot, ('train',), '--trainroot')
+    train_set = TissueDataset(train_root, 'train', args.dataset, augment='flip')
+    sampler = DistributedSampler(train_set, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
+                                 seed=args.seed)
+    if len(sampler) < args.batch_size:
+        raise InputError(f'{args.trainroot}: {len(train_set)} patches give {len(sampler)} per process, '
+                         f'fewer than one batch (--batch_size {args.batch_size}); every epoch would be empty')
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=args.num_workers, pin_memory=pin_memory)
+    return train_loader, test_loader
+
+
+def dataset_folder(path, splits, flag):
+    """The reference names the split folder itself (datasets/X/train/); TissueDataset wants the
+    dataset folder and the split name."""
+    folder = os.path.normpath(path)
+    split = os.path.basename(folder)
+    if split not in splits:
+        raise InputError(f'{flag} {path}: expected the {" or ".join(splits)} folder of a dataset '
+                         f'(or give --dataroot)')
+    return os.path.dirname(folder), split
+
+
+# ---- model and optimiser ---------------------------------------------------------------------
+
+def make_model(args):
+    """The classifier for training, and a line saying how it was initialised.
+
+    Weights from a file get the reference's setting (frozen conv1a..b2_2 and BatchNorm), meant for
+    ImageNet statistics; from random initialisation nothing may stay frozen."""
+    if args.weights.lower() == 'none':
+        model = Net(args.n_class, args.width, frozen=False, gamma=args.init_gama)
+        return model, 'random initialisation; every layer and BatchNorm trains'
+    if not os.path.isfile(args.weights):
+        raise InputError(f'{args.weights}: --weights file not found (give --weights none to train from '
+                         f'random initialisation)')
+    if args.weights.endswith('.params'):
+        state_dict, _ = resnet38d_state_dict(args.weights)
+    else:
+        state_dict = read_state_dict(args.weights)
+    if 'conv1a.weight' not in state_dict:
+        raise InputError(f'{args.weights}: not ResNet-38 weights (no conv1a.weight)')
+    channels = state_dict['conv1a.weight'].shape[0]
+    if channels != round(64 * args.width):
+        raise InputError(f'{args.weights}: holds a ResNet-38 of width {channels / 64:g}, '
+                         f'but --width is {args.width:g}')
+    if 'fc8.weight' in state_dict:
+        model = Net.from_state_dict(state_dict, args.weights, frozen=True, gamma=args.init_gama)
+        if model.fc8.weight.shape[0] != args.n_class:
+            raise InputError(f'{args.weights}: a classifier of {model.fc8.weight.shape[0]} classes, '
+                             f'but --n_class is {args.n_class}')
+        how = 'fine-tuning a stage-1 checkpoint'
+    else:
+        model = load_backbone(Net(args.n_class, args.width, frozen=True, gamma=args.init_gama),
+                              state_dict, args.weights)
+        how = 'backbone loaded, fc8 initialised'
+    return model, f'{args.weights}: {how}; conv1a..b2_2 and every BatchNorm frozen (as the reference)'
+
+
+def load_classifier(path):
+    """A trained stage-1 classifier; its width and classes come from the checkpoint."""
+    return Net.from_state_dict(read_state_dict(path), path).eval()
+
+
+def make_optimizer(model, args, iters_per_epoch):
+    """SGD with the reference's four parameter groups, and its poly decay stepped per iteration
+    over max_step = iterations per epoch x epochs."""
+    lr, wd = args.lr, args.wt_dec
+    groups = [{'params': params, 'lr': group_lr, 'weight_decay': group_wd}
+              for params, group_lr, group_wd in zip(model.parameter_groups(),
+                                                    (lr, 2 * lr, 10 * lr, 20 * lr), (wd, 0, wd, 0))]
+    # The reference's PolyOptimizer calls SGD(params, lr, weight_decay): the third positional
+    # argument of SGD is momentum, so its effective momentum is --wt_dec (5e-4, practically none).
+    momentum = args.wt_dec if args.momentum is None else args.momentum
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=wd)
+    max_step = iters_per_epoch * args.max_epoches
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr(1.0, step, max_step))
+    return optimizer, lr_scheduler
+
+
+# ---- training --------------------------------------------------------------------------------
+
+def train_one_epoch(model, optimizer, lr_scheduler, scaler, data_loader, device, epoch, step, args,
+                    metrics_log, amp_dtype=None):
+    """One pass over the training patches; returns the global step after it.
+
+    Losses stay on the device and are read back every --print_freq steps (one host sync for
+    many steps); each step is then logged, and a non-finite loss stops training naming its step."""
+    model.train()
+    gamma = getattr(model, 'module', model).gamma
+    enable_pda = epoch >= PDA_FIRST_EPOCH
+    pending, epoch_sums = [], np.zeros(4)  # sums of loss, exact match, Jaccard; number of steps
+    bar = tqdm(data_loader, desc=f'epoch {epoch}', disable=not is_main_process(), dynamic_ncols=True)
+    for i, batch in enumerate(bar):
+        images = batch['image'].to(device, non_blocking=True)
+        labels = batch['label'].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images, enable_pda=enable_pda)
+        loss = F.multilabel_soft_margin_loss(logits.float(), labels)
+        lr = optimizer.param_groups[0]['lr']
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        pending.append((step, lr, torch.stack([loss.detach(), *label_set_agreement(logits.detach(), labels)])))
+        step += 1
+        if len(pending) == args.print_freq or i + 1 == len(data_loader):
+            values = log_steps(pending, epoch, gamma, enable_pda, metrics_log)
+            epoch_sums += [*values.sum(axis=0), len(values)]
+            bar.set_postfix(loss=f'{values[-1, 0]:.4f}', exact=f'{values[-1, 1]:.2f}', lr=f'{pending[-1][1]:.2e}')
+            pending = []
+    loss_sum, exact_sum, jaccard_sum, steps = all_reduce_sum(epoch_sums.tolist(), device)
+    metrics_log.write({'epoch': epoch, 'step': step, 'epoch_loss': loss_sum / steps,
+                       'epoch_exact_match': exact_sum / steps, 'epoch_jaccard': jaccard_sum / steps,
+                       'gamma': gamma, 'pda': enable_pda}, step)
+    if is_main_process():
+        print(f'epoch {epoch}: loss {loss_sum / steps:.4f}, exact match {exact_sum / steps:.4f}, '
+              f'Jaccard {jaccard_sum / steps:.4f}, PDA {"on" if enable_pda else "off"} (gamma {gamma:.4f})')
+    return step
+
+
+def label_set_agreement(logits, labels):
+    """Batch means of the reference's two training scores: exact match of the predicted label
+    set (sigmoid > 0.5) with the true one, and their Jaccard index. Training labels always name
+    a class (TissueDataset checks), so the union is never empty."""
+    predicted, true = torch.sigmoid(logits.float()) > 0.5, labels > 0.5
+    exact = (predicted == true).all(dim=1).float().mean()
+    jaccard = ((predicted & true).sum(dim=1) / (predicted | true).sum(dim=1)).mean()
+    return exact, jaccard
+
+
+def log_steps(pending, epoch, gamma, enable_pda, metrics_log):
+    """Read back [(step, lr, tensor(loss, exact, jaccard))], stop on a non-finite loss, write one
+    record per step; returns the values as an array (steps, 3)."""
+    stacked = torch.stack([v for _, _, v in pending]).float().cpu()
+    for (step, lr, _), row in zip(pending, stacked):
+        check_finite(row[0], f'epoch {epoch} step {step}')
+        loss, exact, jaccard = row.tolist()
+        metrics_log.write({'epoch': epoch, 'step': step, 'loss': loss, 'exact_match': exact,
+                           'jaccard': jaccard, 'lr': lr, 'gamma': gamma, 'pda': enable_pda}, step)
+    return stacked.numpy().astype(np.float64)
+
+
+# ---- resuming --------------------------------------------------------------------------------
+
+def save_resume_state(path, model, optimizer, lr_scheduler, scaler, epoch, step, args):
+    """Everything needed to continue after `epoch` exactly as an uninterrupted run would."""
+    save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'lr_scheduler': lr_scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                     'epoch': epoch, 'step': step, 'gamma': model.gamma, 'rng': rng_state(),
+                     'args': vars(args)}, path)
+
+
+def load_resume_state(path, model, optimizer, lr_scheduler, scaler):
+    """Restore a resume file into the objects; returns (first epoch to run, global step)."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {'model', 'optimizer', 'epoch', 'step', 'rng'} <= set(state):
+        raise InputError(f'{path}: not a stage-1 resume file (written every epoch as {RESUME_FILE})')
+    load_state_dict_strict(model, state['model'], path)
+    try:
+        optimizer.load_state_dict(state['optimizer'])
+    except ValueError as e:
+        raise InputError(f'{path}: optimizer state does not fit this model ({e}); resume with the same '
+                         f'--weights and --width') from None
+    lr_scheduler.load_state_dict(state['lr_scheduler'])
+    if state['scaler'] and scaler.is_enabled():
+        scaler.load_state_dict(state['scaler'])
+    model.gamma = state['gamma']
+    set_rng_state(state['rng'])
+    return state['epoch'] + 1, state['step']
+
+
+def forget_steps_after(metrics_path, epoch):
+    """A run killed mid-epoch logged steps that the resumed run will do again: drop them, so the
+    log reads as one uninterrupted run."""
+    if not is_main_process() or not os.path.isfile(metrics_path):
+        return
+    with open(metrics_path) as f:
+        kept = [line for line in f if logged_epoch(line) < epoch]
+    save_text(''.join(kept), metrics_path)
+
+
+def logged_epoch(line):
+    """The epoch of a metrics.jsonl line; infinity for a line cut short by the kill."""
+    try:
+        return json.loads(line)['epoch']
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float('inf')
+
+
+# ---- test phase: CAMs as segmentation --------------------------------------------------------
+
+def cam_segmentation(cams, logits, size, threshold=CAM_THRESHOLD):
+    """The reference's stage-1 test: classes with sigmoid(logit) > threshold are present; their
+    CAMs, upsampled bilinearly to `size`, absent ones zeroed, are min-max normalised over all
+    classes and pixels together; prediction = argmax over classes (ties -> lowest index, so a pixel
+    where every present CAM is 0 goes to class 0 even when it is absent: reference behaviour).
+
+    Returns (prediction (B, H, W) int64, forced (B,) bool). The reference crashes on a patch where
+    no class passes the threshold; we take its most probable class as present (the classifier's
+    best guess, and every patch holds some tissue) and flag the patch as forced."""
+    probs = torch.sigmoid(logits.float())
+    present = probs > threshold
+    forced = ~present.any(dim=1)
+    present |= forced[:, None] & F.one_hot(probs.argmax(dim=1), probs.shape[1]).bool()
+    cams = F.interpolate(cams.float(), size=tuple(size), mode='bilinear', align_corners=False)
+    cams = cams * present[:, :, None, None]
+    low, high = cams.amin(dim=(1, 2, 3), keepdim=True), cams.amax(dim=(1, 2, 3), keepdim=True)
+    prediction = ((cams - low) / (high - low)).argmax(dim=1)
+    # All CAMs flat (e.g. zero): the reference divides 0 by 0 and numpy's argmax returns the
+    # first NaN, i.e. the first present class everywhere.
+    flat = (high == low).flatten()
+    prediction[flat] = present[flat].int().argmax(dim=1)[:, None, None]
+    return prediction, forced
+
+
+BASELINES = ('uniform random class', 'most frequent labelled class', 'largest labelled class (oracle)')
+
+
+def baseline_segmentations(truth, labels, label_frequency, generator):
+    """Segmentations made without a model, to read the CAM scores against: a uniformly random
+    class per pixel; the patch's labelled class that is most frequent among the test labels, on
+    every pixel; and, using the ground-truth pixels, its largest labelled class on every pixel
+    (the best any one-class-per-patch guess can do)."""
+    n_class = labels.shape[1]
+    one_class = lambda classes: classes[:, None, None].expand_as(truth)
+    areas = torch.stack([(truth == c).sum(dim=(1, 2)) for c in range(n_class)], dim=1)
+    return {
+        BASELINES[0]: torch.randint(n_class, truth.shape, generator=generator),
+        BASELINES[1]: one_class((labels * label_frequency).argmax(dim=1)),
+        BASELINES[2]: one_class(areas.argmax(dim=1)),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, device, seed=0):
+    """Score the CAM segmentation (and the baselines) over the test loader, all processes
+    together. Returns ({name: ConfusionMatrix}, number of patches, number of forced patches)."""
+    model.eval()
+    n_class = model.fc8.weight.shape[0]
+    dataset = data_loader.dataset.dataset
+    label_frequency = torch.from_numpy(dataset.labels.sum(axis=0))
+    generator = torch.Generator().manual_seed(seed + get_rank())
+    confusion = {name: ConfusionMatrix(n_class) for name in ('CAM', *BASELINES)}
+    patches = forced = 0
+    for batch in tqdm(data_loader, desc='test', disable=not is_main_process(), dynamic_ncols=True):
+        images = batch['image'].to(device, non_blocking=True)
+        cams, logits = model.forward_cam(images)
+        prediction, was_forced = cam_segmentation(cams, logits, images.shape[2:])
+        truth = batch['masks'][:, 0]
+        confusion['CAM'].update(truth, prediction)
+        for name, guess in baseline_segmentations(truth, batch['label'], label_frequency, generator).items():
+            confusion[name].update(truth, guess)
+        patches += len(images)
+        forced += int(was_forced.sum())
+    for matrix in confusion.values():
+        matrix.reduce_across_ranks()
+    patches, forced = all_reduce_sum([patches, forced], device)
+    return confusion, int(patches), int(forced)
+
+
+def report_test(confusion, patches, forced, checkpoint, args):
+    """Print the score table and write stage1_test_metrics.json (main process)."""
+    if not is_main_process():
+        return
+    names = CLASS_NAMES[args.dataset]
+    scores = {name: matrix.scores() for name, matrix in confusion.items()}
+    print(format_table({'stage-1 CAM': scores['CAM'],
+                        **{f'baseline: {name}': scores[name] for name in BASELINES}}, names))
+    print(f'{forced} of {patches} test patches had no class with probability > {CAM_THRESHOLD}; '
+          f'their most probable class was taken as present')
+    report = {'checkpoint': checkpoint, 'testroot': args.testroot, 'patches': patches,
+              'threshold': CAM_THRESHOLD, 'forced_patches': forced, **scores_to_json(scores['CAM'], names),
+              'baselines': {name: scores_to_json(scores[name], names) for name in BASELINES}}
+    path = os.path.join(args.save_folder, 'stage1_test_metrics.json')
+    save_text(json.dumps(report, indent=2) + '\n', path)
+    print(f'test metrics: {path}')
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+def main(args):
+    if args.dataroot:
+        args.trainroot, args.testroot = os.path.join(args.dataroot, 'train'), os.path.join(args.dataroot, 'test')
+    if args.n_class != N_CLASS:
+        raise InputError(f'--n_class {args.n_class}: the datasets have {N_CLASS} classes')
+    init_distributed_mode(args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed + get_rank())  # ranks differ in dropout and augmentation, not in order
+
+    if args.test_only:
+        if not os.path.isfile(args.weights):
+            raise InputError(f'{args.weights}: --weights file not found (--test_only needs a stage-1 checkpoint)')
+        model = load_classifier(args.weights).to(device)
+        _, test_loader = make_data_loaders(args, device)
+        write_run_record(args.save_folder, args, name='stage1_test_args.json')
+        report_test(*evaluate(model, test_loader, device, args.seed), args.weights, args)
+        return
+
+    model, how = make_model(args)
+    if is_main_process():
+        print(how)
+    model.to(device)
+    train_loader, test_loader = make_data_loaders(args, device)
+    amp_dtype = autocast_dtype(args, device)
+    # SyncBatchNorm needs CUDA (torch 2.14 refuses CPU tensors), and only matters when BN trains.
+    if args.distributed and device.type == 'cuda' and not model.frozen:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    optimizer, lr_scheduler = make_optimizer(model_without_ddp, args, len(train_loader))
+    scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
+
+    resume_path = resume_file(args)
+    start_epoch, step = 0, 0
+    metrics_path = os.path.join(args.save_folder, 'metrics.jsonl')
+    if resume_path:
+        start_epoch, step = load_resume_state(resume_path, model_without_ddp, optimizer, lr_scheduler, scaler)
+        forget_steps_after(metrics_path, start_epoch)
+        if is_main_process():
+            print(f'{resume_path}: resuming at epoch {start_epoch} (step {step})')
+    elif is_main_process() and os.path.isfile(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+    write_run_record(args.save_folder, args, name='stage1_args.json')
+    metrics_log = MetricsLog(metrics_path)
+
+    for epoch in range(start_epoch, args.max_epoches):
+        train_loader.sampler.set_epoch(epoch)
+        step = train_one_epoch(model, optimizer, lr_scheduler, scaler, train_loader, device, epoch, step, args,
+                               metrics_log, amp_dtype)
+        model_without_ddp.gamma = next_gamma(model_without_ddp.gamma)
+        if is_main_process():
+            save_resume_state(os.path.join(args.save_folder, RESUME_FILE), model_without_ddp, optimizer,
+                              lr_scheduler, scaler, epoch, step, args)
+
+    final = checkpoint_path(args)
+    if is_main_process():
+        save_checkpoint(model_without_ddp.state_dict(), final)
+        print(f'stage-1 weights: {final}')
+    report_test(*evaluate(model_without_ddp, test_loader, device, args.seed), final, args)
+
+
+def resume_file(args):
+    """The resume file to continue from, or None to start afresh ('auto' without a file)."""
+    if args.resume == 'auto':
+        path = os.path.join(args.save_folder, RESUME_FILE)
+        return path if os.path.isfile(path) else None
+    return args.resume
+
+
+def autocast_dtype(args, device):
+    if not args.amp:
+        return None
+    if device.type != 'cuda':
+        if is_main_process():
+            print('note: --amp is for CUDA; training in float32 on the CPU')
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
