@@ -1,0 +1,281 @@
+"""The pseudo-mask rule, the LUAD background, and the 2_generate_PM.py command line."""
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from network.resnet38_cls import Net
+from tool import generate_pm
+from tool.checkpoint import read_state_dict, save_checkpoint
+from tool.data import PALETTES, parse_label, read_mask, read_rgb
+from tool.gradcam import multi_layer_grad_cam
+from tool.io import InputError, run_cli
+from tool.metrics import ConfusionMatrix
+from tool.pseudo_mask import background_mask, grayscale, normalise, pseudo_mask
+from tool.synth import write_dataset
+
+FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'compat' / 'fixtures'
+needs_shared = pytest.mark.skipif(not FIXTURES.is_dir(),
+                                  reason=f'{FIXTURES} missing (shared/ is cloned beside the repo)')
+LAYERS = ('b4_5', 'b5_2', 'bn7')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny convolutions: one thread is faster, and far faster (40 s -> 2 s measured) when other
+    processes share the cores and OpenMP threads wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- the rule on hand-built arrays ---------------------------------------------------------------
+
+def stack(*maps):
+    return np.array(maps, dtype=np.float32)[:, None, :]  # (classes, 1, W)
+
+
+def test_joint_min_max_spans_all_classes():
+    cams = stack([0, 2, 4], [-4, 0, 4], [1, 1, 1], [0, 0, 0])
+    expected = (cams + 4) / 8
+    np.testing.assert_array_equal(normalise(cams), expected)
+    assert normalise(cams).dtype == np.float32  # the reference normalises in the CAMs' precision
+
+
+def test_absent_classes_are_zeroed_but_still_set_the_range():
+    # class 0 is absent: its high map never wins. Present class 2 is at the global minimum in pixel 0,
+    # so it normalises to 0 there and ties with the zeroed absent classes: the lowest index, 0, wins
+    cams = stack([9, 9], [5, 5], [0, 3], [5, 5])
+    label = np.array([0, 0, 1, 0])
+    assert pseudo_mask(cams, label).tolist() == [[0, 2]]
+    # an absent class lower than everything moves the minimum: class 2 is above 0 everywhere
+    cams[3, 0, 0] = -1
+    assert pseudo_mask(cams, label).tolist() == [[2, 2]]
+
+
+def test_ties_go_to_the_lowest_index():
+    cams = stack([0, 5, 7], [0, 5, 7], [0, 5, 7], [9, 5, 1])
+    assert pseudo_mask(cams, np.array([0, 1, 1, 1])).tolist() == [[3, 1, 1]]
+
+
+def test_all_zero_pixel_becomes_class_0_even_if_absent():
+    # pixel 1: present classes 1 and 3 both at the global minimum, every channel 0
+    cams = stack([7, 7], [2, 0], [7, 7], [3, 0])
+    assert pseudo_mask(cams, np.array([0, 1, 0, 1])).tolist() == [[3, 0]]
+
+
+def test_background_beats_a_normalised_one():
+    cams = stack([0, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0])
+    background = np.array([[False, True, False]])
+    assert pseudo_mask(cams, np.array([1, 0, 0, 0]), background).tolist() == [[0, 4, 0]]
+    # without a background channel (bcss) the same pixel stays tissue
+    assert pseudo_mask(cams, np.array([1, 0, 0, 0]), None).tolist() == [[0, 0, 0]]
+
+
+def test_constant_maps_give_the_first_present_class_everywhere():
+    # max == min: 0/0 = NaN, and NumPy's argmax returns the first NaN, even over the background
+    cams = np.full((4, 2, 2), 3.5, dtype=np.float32)
+    background = np.array([[True, False], [False, True]])
+    with np.errstate(all='raise'):  # no warning escapes
+        mask = pseudo_mask(cams, np.array([0, 1, 0, 1]), background)
+    assert mask.tolist() == [[1, 1], [1, 1]]
+
+
+def test_label_may_be_a_tensor_and_output_is_uint8():
+    cams = stack([0, 1], [1, 0], [0, 0], [0, 0])
+    mask = pseudo_mask(cams, torch.tensor([1., 1., 0., 0.]))
+    assert mask.dtype == np.uint8 and mask.tolist() == [[1, 0]]
+
+
+# ---- the LUAD background -----------------------------------------------------------------------
+
+def test_grayscale_is_opencv_bit_for_bit():
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    colours[0, :256] = np.arange(256)[:, None]  # every gray level
+    colours[1, :8] = [[255, 255, 255], [0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [201, 201, 201],
+                      [200, 200, 200], [201, 200, 200]]
+    np.testing.assert_array_equal(grayscale(colours), cv2.cvtColor(colours, cv2.COLOR_RGB2GRAY))
+
+
+def test_white_threshold_is_strictly_above_200():
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    rgb[:, :10] = 200  # gray 200: tissue
+    rgb[:, 10:] = 201  # gray 201: white
+    assert not background_mask(rgb)[:, :10].any() and background_mask(rgb)[:, 10:].all()
+
+
+def test_small_white_components_are_tissue_with_4_connectivity():
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    white = np.zeros((40, 40), bool)
+    white[1:8, 1:8] = True        # 49 px: removed
+    white[1:6, 20:30] = True      # 50 px: kept
+    white[20:25, 1:6] = True      # two 25 px squares touching only at a corner: 4-connectivity
+    white[25:30, 6:11] = True     # keeps them apart, so both are removed (8-connectivity would join them)
+    white[30:40, 30:35] = True    # 50 px at the border: kept
+    rgb[white] = 255
+    expected = np.zeros_like(white)
+    expected[1:6, 20:30] = expected[30:40, 30:35] = True
+    np.testing.assert_array_equal(background_mask(rgb), expected)
+
+
+# ---- the reference's own CAMs give the reference's PNGs ---------------------------------------
+
+@needs_shared
+@pytest.mark.parametrize('layer', LAYERS)
+def test_rule_on_reference_cams_reproduces_reference_masks(layer):
+    reference = np.load(FIXTURES / 'luad' / 'ref_stage1.npz')
+    for name in sorted(os.listdir(FIXTURES / 'luad' / 'train')):
+        rgb = read_rgb(FIXTURES / 'luad' / 'train' / name)
+        cams = reference[f'{name[:-4]}|gradcam_{layer}']
+        mask = pseudo_mask(cams, parse_label(name, 'luad'), background_mask(rgb))
+        np.testing.assert_array_equal(mask, read_mask(FIXTURES / 'luad' / 'ref_train_PM' / f'PM_{layer}' / name))
+
+
+@needs_shared
+def test_rule_on_reference_cams_reproduces_the_bcss_mask():
+    # the bcss fixture patch is the same crop as luad's IHC-288-200, with a bcss-style label
+    name = 'IHC_xmin200_ymin288+0[1101].png'
+    assert np.array_equal(read_rgb(FIXTURES / 'bcss' / 'train' / name),
+                          read_rgb(FIXTURES / 'luad' / 'train' / 'IHC-288-200-[1 0 1 1].png'))
+    cams = np.load(FIXTURES / 'luad' / 'ref_stage1.npz')['IHC-288-200-[1 0 1 1]|gradcam_bn7']
+    mask = pseudo_mask(cams, parse_label(name, 'bcss'), None)
+    np.testing.assert_array_equal(mask, read_mask(FIXTURES / 'bcss' / 'ref_train_PM' / 'PM_bn7' / name))
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny_setup(tmp_path_factory):
+    """A 5-patch synthetic luad dataset (64 px, with train_gt/) and a width-0.125 checkpoint."""
+    root = tmp_path_factory.mktemp('pm')
+    write_dataset(str(root / 'synth'), 'luad', 64, {'train': 5, 'val': 1, 'test': 1}, seed=3)
+    torch.manual_seed(0)
+    model = Net(n_class=4, width=0.125)
+    for m in model.modules():  # BatchNorm away from identity, so the maps are not trivial
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(model.state_dict(), str(root / 'tiny.pth'))
+    return root
+
+
+def run(root, out, *extra):
+    args = generate_pm.get_args_parser().parse_args(
+        ['--weights', str(root / 'tiny.pth'), '--dataroot', str(root / 'synth'), '--dataset', 'luad',
+         '--num_workers', '0', '--device', 'cpu', '--batch_size', '2', '--out', str(out), *extra])
+    return generate_pm.main(args)
+
+
+def mtimes(out):
+    """A file's identity: atomic writes replace the file, so a rewrite changes inode and time."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in Path(out).glob('PM_*/*.png')}
+
+
+def test_cli_writes_reference_masks_named_like_the_patches(tiny_setup, tmp_path, capsys):
+    root, out = tiny_setup, tmp_path / 'train_PM'
+    run(root, out, '--save_cam', '--batch_size', '1')  # float32 rounding depends a little on the batch
+    names = sorted(os.listdir(root / 'synth' / 'train'))
+    model = Net.from_state_dict(read_state_dict(str(root / 'tiny.pth'))).eval()
+    for name in names:
+        rgb = read_rgb(root / 'synth' / 'train' / name)
+        cams = multi_layer_grad_cam(model, torch.from_numpy(rgb.transpose(2, 0, 1) / np.float32(255))[None])
+        for layer in LAYERS:
+            image = Image.open(out / f'PM_{layer}' / name)
+            assert image.mode == 'P' and image.getpalette()[:15] == PALETTES['luad']
+            expected = pseudo_mask(cams[layer][0].numpy(), parse_label(name, 'luad'), background_mask(rgb))
+            np.testing.assert_array_equal(np.array(image), expected)
+        n_present = int(parse_label(name, 'luad').sum())
+        picture = Image.open(out / 'cam_vis' / f'{name[:-4]}_bn7.png')
+        assert picture.size == ((2 + n_present) * 64, 64)
+    assert sorted(os.listdir(out / 'PM_bn7')) == names
+    assert not [p for p in out.rglob('*') if p.name.startswith('.')]  # no temporary files left
+
+    # the metrics JSON is the confusion of the written masks against train_gt
+    record = json.loads((out / 'pseudo_mask_metrics.json').read_text())
+    assert record['patches'] == 5 and set(record['layers']) == set(LAYERS) and 'majority' in record
+    for layer in LAYERS:
+        matrix = ConfusionMatrix(4)
+        for name in names:
+            matrix.update(read_mask(root / 'synth' / 'train_gt' / name), read_mask(out / f'PM_{layer}' / name))
+        assert record['layers'][layer]['miou'] == pytest.approx(matrix.scores()['miou'])
+    assert 'PM_b4_5' in capsys.readouterr().out
+
+
+def test_cli_skips_finished_patches_and_overwrite_recomputes(tiny_setup, tmp_path, capsys):
+    root, out = tiny_setup, tmp_path / 'train_PM'
+    run(root, out)
+    first = mtimes(out)
+    metrics = (out / 'pseudo_mask_metrics.json').read_text()
+    run(root, out)
+    assert mtimes(out) == first  # nothing rewritten
+    assert '5 patches already have every mask' in capsys.readouterr().out
+    # the scores of a resumed run cover the skipped patches too
+    assert json.loads((out / 'pseudo_mask_metrics.json').read_text())['layers'] == json.loads(metrics)['layers']
+
+    missing = sorted((out / 'PM_b5_2').iterdir())[1]
+    missing.unlink()  # one layer of one patch missing: that patch is redone, in every layer
+    run(root, out)
+    again = mtimes(out)
+    redone = {p for p in again if again[p] != first.get(p)}
+    assert redone == {out / f'PM_{layer}' / missing.name for layer in LAYERS}
+
+    run(root, out, '--overwrite')
+    assert all(t != again[p] for p, t in mtimes(out).items())
+
+
+def test_cli_shards_patches_across_processes(tiny_setup, tmp_path, monkeypatch):
+    root, out = tiny_setup, tmp_path / 'train_PM'
+    names = sorted(os.listdir(root / 'synth' / 'train'))
+    monkeypatch.setattr(generate_pm, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(generate_pm, 'get_rank', lambda: 1)
+    monkeypatch.setattr(generate_pm, 'is_main_process', lambda: False)
+    run(root, out, '--layers', 'bn7')
+    assert sorted(os.listdir(out / 'PM_bn7')) == names[1::2]
+    assert not (out / 'pseudo_mask_metrics.json').exists()  # only the main process reports
+
+
+def test_cli_bcss_has_no_background_channel(tmp_path):
+    write_dataset(str(tmp_path / 'bcss'), 'bcss', 64, {'train': 2, 'val': 1, 'test': 1}, seed=0)
+    # paint a large white area into the patches: luad would call it background, bcss must not
+    for path in (tmp_path / 'bcss' / 'train').iterdir():
+        rgb = read_rgb(path).copy()
+        rgb[:32] = 255
+        Image.fromarray(rgb).save(path)
+    torch.manual_seed(0)
+    save_checkpoint(Net(n_class=4, width=0.125).state_dict(), str(tmp_path / 'tiny.pth'))
+    args = generate_pm.get_args_parser().parse_args(
+        ['--weights', str(tmp_path / 'tiny.pth'), '--dataroot', str(tmp_path / 'bcss'), '--dataset', 'bcss',
+         '--num_workers', '0', '--device', 'cpu', '--layers', 'bn7'])
+    generate_pm.main(args)
+    for path in (tmp_path / 'bcss' / 'train_PM' / 'PM_bn7').iterdir():
+        image = Image.open(path)
+        assert image.getpalette()[:15] == PALETTES['bcss'] and np.array(image).max() < 4
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--layers', 'b4_5,conv9'], 'unknown layer conv9'),
+    (['--layers', 'bn7,bn7'], 'name each layer once'),
+    (['--n_class', '5'], '--n_class 5'),
+    (['--batch_size', '0'], '--batch_size 0'),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_setup, tmp_path, flags, message, capsys):
+    args = generate_pm.get_args_parser().parse_args(
+        ['--weights', str(tiny_setup / 'tiny.pth'), '--dataroot', str(tiny_setup / 'synth'), '--dataset', 'luad',
+         '--out', str(tmp_path / 'out'), *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(generate_pm.main, args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1
+
+
+def test_cli_missing_weights_is_an_input_error(tiny_setup, tmp_path):
+    with pytest.raises(InputError, match='checkpoint not found'):
+        run(tiny_setup, tmp_path / 'out', '--weights', str(tmp_path / 'nope.pth'))
