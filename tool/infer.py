@@ -1,0 +1,333 @@
+"""Inference: segment tissue images with a trained stage-2 model, optionally gated by stage 1.
+
+    python 4_infer.py --checkpoint checkpoints/stage2_checkpoint_trained_on_luad.pth \
+        --input images/ --out results/ [--stage1 stage1.pth --gate mask] [--masks truth/]
+
+Writes to --out, one file at a time and atomically (a finished image is skipped on the next run
+unless --overwrite):
+    masks/<name>.png      palette PNG of class indices in the dataset's palette
+    overlays/<name>.png   the mask's colours over the image, 0.3 colour + 0.7 image (the
+                          reference's fuse_mask_and_img)
+    areas.csv             every mask in masks/: pixel count and area fraction of each class
+    metrics.json          with --masks: scores against the ground-truth masks (background 4 excluded)
+
+Images that fit in one --tile are predicted whole, many to a batch, exactly as the reference's
+test phase does. Larger ones (big PNG/TIFF regions, whole-slide images at a pyramid level) are
+cut into overlapping tiles whose predictions are blended strip by strip (tool/sliding_window.py),
+so memory grows with the image width, never with its area times the classes.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from network.deeplab import CLASSIFIER, deeplab_from_state_dict
+from network.resnet38_cls import Net as Stage1Net
+from tool.checkpoint import read_state_dict
+from tool.data import BACKGROUND, CLASS_NAMES, PALETTES, read_mask
+from tool.gate import GATE_MODES, GATE_THRESHOLD, gate_classes, gated_logits
+from tool.image_source import EXTENSIONS, PixelArray, image_size, large_images_allowed, open_image
+from tool.io import InputError, save_palette_png, save_png, save_text
+from tool.metrics import ConfusionMatrix, format_table, scores_to_json
+from tool.sliding_window import blended_rows
+from tool.utils import resolve_device
+
+OVERLAY_COLOUR_WEIGHT = 0.3  # the reference's cv2.addWeighted(mask, 0.3, image, 0.7, 0)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description='Segment tissue images with a stage-2 checkpoint (patches, large PNG/TIFF, whole slides).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--checkpoint', required=True,
+                        help='stage-2 DeepLab weights: the released stage2_checkpoint_trained_on_*.pth or ours '
+                             '({"state_dict": ...}) or a bare state_dict; backbone and classes are read from it')
+    parser.add_argument('--stage1', help='stage-1 classifier weights: turns the classification gate on')
+    parser.add_argument('--gate', choices=GATE_MODES,
+                        help='with --stage1: multiply (the reference; default) or mask (absent classes cannot win). '
+                             'On an image larger than --tile the gate decides per tile, because the stage-1 '
+                             'classifier was trained on patch-sized inputs')
+    parser.add_argument('--gate_threshold', type=float, default=GATE_THRESHOLD,
+                        help='a class is present where the stage-1 sigmoid exceeds this')
+    parser.add_argument('--input', required=True,
+                        help=f'an image or a folder of images ({" ".join(EXTENSIONS)}); output names are the '
+                             'file names without extension')
+    parser.add_argument('--out', required=True, help='output folder')
+    parser.add_argument('--dataset', default='luad', choices=sorted(PALETTES), help='class names and palette')
+    parser.add_argument('--masks', help='folder of ground-truth palette masks <name>.png: writes metrics.json')
+    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    parser.add_argument('--batch_size', type=int, default=16, help='images or tiles per forward pass')
+    parser.add_argument('--workers', type=int, default=2, help='processes reading patch-sized images')
+    parser.add_argument('--tile', type=int, default=224,
+                        help='images up to this size go through whole; larger ones in tiles of this size')
+    parser.add_argument('--overlap', type=int, default=32, help='minimum overlap of neighbouring tiles (pixels)')
+    parser.add_argument('--level', type=int, default=0,
+                        help='pyramid level of whole-slide images and pyramidal TIFF (0 = full resolution). The '
+                             'slide is read region by region, but mask and overlay are written whole at that '
+                             "level's size (about 8 bytes a pixel in memory): choose the level to fit")
+    parser.add_argument('--output_stride', type=int, default=16, choices=(8, 16),
+                        help='DeepLab output stride the checkpoint was trained with (not stored in it)')
+    parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 where supported, else fp16)')
+    parser.add_argument('--overwrite', action='store_true', help='redo images whose mask and overlay exist')
+    parser.add_argument('--debug', action='store_true', help='show tracebacks of input errors')
+    return parser
+
+
+def main(args):
+    check_args(args)
+    class_names, palette = CLASS_NAMES[args.dataset], PALETTES[args.dataset]
+    with large_images_allowed():
+        jobs = list_inputs(args.input)
+        truth = truth_paths(args.masks, [name for name, _ in jobs]) if args.masks else None
+        device = resolve_device(args.device)
+        predictor = load_predictor(args, device, len(class_names))
+        outputs = Outputs(args.out, palette, class_names, truth)
+        whole, tiled = [], []  # images that fit in one tile, and larger ones
+        for name, path in jobs:
+            if outputs.finished(name) and not args.overwrite:
+                outputs.record(name, read_mask(outputs.mask_path(name)))
+                continue
+            height, width = image_size(path, args.level)  # headers only
+            (whole if height <= args.tile and width <= args.tile else tiled).append((name, path, (height, width)))
+        with tqdm(total=len(whole) + len(tiled), unit='image', desc='infer') as bar:
+            segment_whole(predictor, whole, outputs, args, bar)
+            for name, path, _ in tiled:
+                with open_image(path, args.level) as image:
+                    outputs.save(name, segment_tiled(predictor, image, args, name), image)
+                bar.update()
+        outputs.write_areas()
+        print(f'{len(whole) + len(tiled)} image(s) segmented, {len(jobs) - len(whole) - len(tiled)} already '
+              f'finished (kept; --overwrite redoes them) -> {args.out}')
+        if truth:
+            row = 'stage 2' + (f' + gate ({args.gate})' if args.stage1 else '')
+            print(format_table({row: outputs.confusion.scores()}, class_names))
+            outputs.write_metrics(row)
+
+
+def check_args(args):
+    if args.gate and not args.stage1:
+        raise InputError('--gate: the classification gate needs the stage-1 classifier (--stage1 PATH)')
+    if args.stage1 and not args.gate:
+        args.gate = 'multiply'
+    if args.tile < 16:
+        raise InputError(f'--tile {args.tile}: at least 16 pixels (DeepLab reduces its input 16 times)')
+    if not 0 <= args.overlap < args.tile:
+        raise InputError(f'--overlap {args.overlap}: must lie in 0 .. --tile - 1 ({args.tile - 1})')
+    for flag, value, least in (('--batch_size', args.batch_size, 1), ('--workers', args.workers, 0),
+                               ('--level', args.level, 0)):
+        if value < least:
+            raise InputError(f'{flag} {value}: must be at least {least}')
+
+
+def list_inputs(path):
+    """[(name, file)] of one image or of the supported images of a folder (sorted, hidden files
+    left out); name = file name without extension, the name of every output."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(EXTENSIONS) and not f.startswith('.')
+                       and os.path.isfile(os.path.join(path, f)))
+        if not files:
+            raise InputError(f'{path}: no images ({" ".join(EXTENSIONS)})')
+    elif os.path.isfile(path):
+        if not path.lower().endswith(EXTENSIONS):
+            raise InputError(f'{path}: not a supported image type ({" ".join(EXTENSIONS)})')
+        files = [path]
+    else:
+        raise InputError(f'{path}: not found')
+    jobs, seen = [], {}
+    for file in files:
+        name = os.path.splitext(os.path.basename(file))[0]
+        if name in seen:
+            raise InputError(f'{file}: has the same name as {seen[name]}; both would write {name}.png')
+        seen[name] = file
+        jobs.append((name, file))
+    return jobs
+
+
+def truth_paths(folder, names):
+    if not os.path.isdir(folder):
+        raise InputError(f'{folder}: ground-truth mask folder not found')
+    paths = {name: os.path.join(folder, name + '.png') for name in names}
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise InputError(f'{missing[0]}: ground-truth mask missing ({len(missing)} of {len(names)} missing)')
+    return paths
+
+
+def load_predictor(args, device, n_class):
+    segmenter = deeplab_from_state_dict(read_state_dict(args.checkpoint), args.output_stride, path=args.checkpoint)
+    found = segmenter.state_dict()[CLASSIFIER[0]].shape[0]
+    if found != n_class:
+        raise InputError(f'{args.checkpoint}: predicts {found} classes, --dataset {args.dataset} has {n_class}')
+    classifier = None
+    if args.stage1:
+        classifier = Stage1Net.from_state_dict(read_state_dict(args.stage1), path=args.stage1)
+        found = classifier.fc8.weight.shape[0]
+        if found != n_class:
+            raise InputError(f'{args.stage1}: classifies {found} classes, the stage-2 checkpoint {n_class}')
+    amp_dtype = None
+    if args.amp and device.type == 'cuda':
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif args.amp:
+        print('note: --amp needs CUDA; predicting in float32')
+    return Predictor(segmenter, device, classifier, args.gate, args.gate_threshold, amp_dtype)
+
+
+class Predictor:
+    """uint8 RGB (B, H, W, 3) -> stage-2 logits (B, C, H, W) on the device, gated by the stage-1
+    classifier's verdict on the same pixels when one is given. Input scaling as in training:
+    RGB / 255, no mean/std."""
+
+    def __init__(self, segmenter, device, classifier=None, gate=None, threshold=GATE_THRESHOLD, amp_dtype=None):
+        # NHWC ('channels_last') is what cuDNN's fastest convolutions want, and what the images
+        # already are; on the CPU plain NCHW keeps results equal to the reference's.
+        self.memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True  # every batch has the same tile size
+        self.segmenter = segmenter.to(device, memory_format=self.memory_format).eval()
+        self.classifier = None if classifier is None else classifier.to(device, memory_format=self.memory_format).eval()
+        self.device, self.gate, self.threshold, self.amp_dtype = device, gate, threshold, amp_dtype
+
+    @torch.inference_mode()
+    def __call__(self, rgb):
+        rgb = torch.as_tensor(rgb)
+        if self.device.type == 'cuda' and not rgb.is_pinned():
+            rgb = rgb.pin_memory()  # lets the copy below overlap with the GPU's work
+        x = rgb.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.segmenter(x).float()
+        if self.classifier is None:
+            return logits
+        # The classifier runs in full precision: the 0.1 threshold on its sigmoid is sensitive.
+        return gated_logits(logits, gate_classes(self.classifier(x), self.threshold), self.gate)
+
+
+class WholeImages(torch.utils.data.Dataset):
+    """Images read whole (they fit in one tile), in DataLoader worker processes."""
+
+    def __init__(self, paths, level):
+        self.paths, self.level = paths, level
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        with open_image(self.paths[index], self.level) as image:
+            return index, torch.from_numpy(image.read(0, image.height).copy())
+
+
+def same_size_batches(sizes, batch_size):
+    """Index batches of at most batch_size images, all of one size within a batch."""
+    by_size = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    return [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+
+
+def segment_whole(predictor, jobs, outputs, args, bar):
+    """Images that fit in one tile: whole, batched, argmax of the (gated) logits as the reference."""
+    if not jobs:
+        return
+    names, paths, sizes = zip(*jobs)
+    loader = torch.utils.data.DataLoader(
+        WholeImages(paths, args.level), batch_sampler=same_size_batches(sizes, args.batch_size),
+        num_workers=args.workers, pin_memory=predictor.device.type == 'cuda')
+    for indices, rgb in loader:
+        labels = argmax(predictor(rgb), dim=1)
+        for i, index in enumerate(indices.tolist()):
+            outputs.save(names[index], labels[i], PixelArray(rgb[i].numpy()))
+            bar.update()
+
+
+def segment_tiled(predictor, image, args, name):
+    """uint8 (H, W) labels of an image larger than a tile: blended tiles, filled strip by strip."""
+    labels = np.empty((image.height, image.width), np.uint8)
+    with tqdm(total=image.height, unit='row', desc=name, leave=False) as rows:
+        for y, probs in blended_rows(image, predictor, args.tile, args.overlap, args.batch_size):
+            labels[y:y + probs.shape[1]] = argmax(probs, dim=0)
+            rows.update(probs.shape[1])
+    return labels
+
+
+def argmax(scores, dim):
+    """uint8 numpy class indices. max().indices gives argmax's answer (the first maximum on ties)
+    but ~10x faster on the CPU, where argmax over a dimension other than the last is slow."""
+    return scores.max(dim).indices.to(torch.uint8).cpu().numpy()
+
+
+def overlay(image, labels, palette, rows=None):
+    """uint8 (H, W, 3): palette colours blended over the image, in strips of about 4 M pixels so
+    the float temporaries stay small (a slide is read again rather than kept)."""
+    rows = rows or max(1, 2 ** 22 // image.width)
+    colours = np.asarray(palette, np.float32).reshape(-1, 3)
+    blended = np.empty((image.height, image.width, 3), np.uint8)
+    for y in range(0, image.height, rows):
+        rgb = image.read(y, rows).astype(np.float32)
+        mixed = OVERLAY_COLOUR_WEIGHT * colours[labels[y:y + rows]] + (1 - OVERLAY_COLOUR_WEIGHT) * rgb
+        blended[y:y + rows] = np.clip(np.rint(mixed), 0, 255)
+    return blended
+
+
+class Outputs:
+    """Writes each image's mask and overlay; keeps the class pixel counts for areas.csv and the
+    confusion matrix against the ground truth for metrics.json."""
+
+    def __init__(self, folder, palette, class_names, truth=None):
+        self.folder, self.palette, self.class_names, self.truth = folder, palette, class_names, truth
+        self.mask_folder = os.path.join(folder, 'masks')
+        self.pixel_counts = {}
+        self.confusion = ConfusionMatrix(len(class_names)) if truth else None
+
+    def mask_path(self, name):
+        return os.path.join(self.mask_folder, name + '.png')
+
+    def overlay_path(self, name):
+        return os.path.join(self.folder, 'overlays', name + '.png')
+
+    def finished(self, name):
+        # The overlay is written last, each file atomically: both present means complete.
+        return os.path.isfile(self.mask_path(name)) and os.path.isfile(self.overlay_path(name))
+
+    def save(self, name, labels, image):
+        save_palette_png(labels, self.palette, self.mask_path(name))
+        save_png(overlay(image, labels, self.palette), self.overlay_path(name))
+        self.record(name, labels)
+
+    def record(self, name, labels):
+        self.count(name, labels)
+        if self.confusion is not None:
+            truth = read_mask(self.truth[name])
+            if truth.shape != labels.shape:
+                raise InputError(f'{self.truth[name]}: ground truth is {truth.shape[1]}x{truth.shape[0]}, '
+                                 f'the image {labels.shape[1]}x{labels.shape[0]}')
+            self.confusion.update(truth, labels)
+
+    def count(self, name, labels):
+        self.pixel_counts[name] = np.bincount(labels.ravel(), minlength=BACKGROUND + 1)
+
+    def write_areas(self):
+        """areas.csv over every mask in masks/, earlier runs' included, so it always describes
+        the folder it sits beside."""
+        for file in sorted(os.listdir(self.mask_folder)):
+            name = os.path.splitext(file)[0]
+            if file.endswith('.png') and not file.startswith('.') and name not in self.pixel_counts:
+                self.count(name, read_mask(self.mask_path(name)))
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator='\n')
+        writer.writerow(['name', 'pixels', *self.class_names, *[c + '_pixels' for c in self.class_names]])
+        for name in sorted(self.pixel_counts):
+            counts = self.pixel_counts[name]
+            tissue = counts[:len(self.class_names)]
+            writer.writerow([name, counts.sum(), *[f'{c / counts.sum():.6f}' for c in tissue], *tissue])
+        save_text(table.getvalue(), os.path.join(self.folder, 'areas.csv'))
+
+    def write_metrics(self, row):
+        scores = scores_to_json(self.confusion.scores(), self.class_names)
+        record = {'prediction': row, 'images': len(self.truth), **scores}
+        save_text(json.dumps(record, indent=2) + '\n', os.path.join(self.folder, 'metrics.json'))
