@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -8,8 +6,7 @@ from PIL import Image
 from tool.data import (BACKGROUND, CLASS_NAMES, PALETTES, TissueDataset, parse_label, read_labels_csv,
                        read_mask, read_rgb)
 from tool.io import InputError
-
-FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'compat' / 'fixtures'
+from tests.compat import FIXTURES, needs_shared
 
 
 def rgb(h=8, w=8, seed=0):
@@ -293,7 +290,7 @@ def test_augmentation_repeats_with_torch_seed(tmp_path):
 
 # ---- the reference's own fixture files -----------------------------------------------------------
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f'{FIXTURES} not found (CI clones shared/ beside the repo)')
+@needs_shared
 def test_reads_reference_fixture_layout():
     luad = TissueDataset(FIXTURES / 'luad', 'train', 'luad',
                          mask_dirs=['ref_train_PM/PM_bn7', 'ref_train_PM/PM_b5_2', 'ref_train_PM/PM_b4_5'])

@@ -1,6 +1,4 @@
 """DeepLabV3+ (stage 2): reference layout, fixture equality, reduced backbones, checkpoint loading."""
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +9,9 @@ from PIL import Image
 from network.deeplab import DeepLab, deeplab_from_state_dict, init_deeplab_from_file
 from tool.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from tool.io import InputError
+from tests.compat import FIXTURES, fixture_state_dict, needs_shared, reference_keys
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared'
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f'{SHARED} (reference fixtures) is missing')
 REDUCED = ('resnet50', 'resnet34', 'resnet18', 'mobilenet')
-
-
-def fixture_state_dict():
-    sys.path.insert(0, str(SHARED / 'compat'))
-    try:
-        import fixture_weights
-    finally:
-        sys.path.pop(0)
-    return fixture_weights.state_dict('stage2_deeplab_resnet101_os16')
 
 
 def randomise_batchnorm(model, seed=0):
@@ -38,8 +26,7 @@ def randomise_batchnorm(model, seed=0):
 
 @needs_shared
 def test_resnet101_keys_and_shapes_equal_the_reference():
-    manifest = json.loads((SHARED / 'compat' / 'reference_state_dict_keys.json').read_text())
-    expected = manifest['stage2_deeplab_resnet101_os16']
+    expected = reference_keys('stage2_deeplab_resnet101_os16')
     ours = {k: list(v.shape) for k, v in DeepLab('resnet', output_stride=16, num_classes=4).state_dict().items()}
     assert ours == expected
     assert list(ours) == list(expected)  # same order too, as torch.save writes it
@@ -47,7 +34,7 @@ def test_resnet101_keys_and_shapes_equal_the_reference():
 
 @needs_shared
 def test_fixture_weights_load_strictly_and_reproduce_the_reference_prediction():
-    weights = fixture_state_dict()
+    weights = fixture_state_dict('stage2_deeplab_resnet101_os16')
     prefixed = deeplab_from_state_dict({'state_dict': {'module.' + k: v for k, v in weights.items()}})
     model = deeplab_from_state_dict({'state_dict': weights}).eval()
     assert isinstance(model.backbone.layer1[0].conv3, torch.nn.Conv2d) and len(model.backbone.layer3) == 23
@@ -55,7 +42,7 @@ def test_fixture_weights_load_strictly_and_reproduce_the_reference_prediction():
     for (k, a), b in zip(model.state_dict().items(), prefixed.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, weights[k]), k
 
-    fixtures = SHARED / 'compat' / 'fixtures' / 'luad'
+    fixtures = FIXTURES / 'luad'
     rgb = np.asarray(Image.open(fixtures / 'test' / 'img' / 'IHC-200-100.png').convert('RGB'), dtype=np.float32)
     reference = np.asarray(Image.open(fixtures / 'ref_pred' / 'IHC-200-100.png').convert('L'))
     with torch.no_grad():

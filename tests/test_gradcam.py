@@ -1,7 +1,5 @@
 """Grad-CAM: the one-pass multi-layer path equals the reference's per-(patch, layer, class)
 procedure, and, with the reference's weights, reproduces the reference's maps and pseudo-masks."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,21 +9,9 @@ from network.resnet38_cls import Net
 from tool.data import parse_label, read_mask, read_rgb
 from tool.gradcam import grad_cam_reference, multi_layer_grad_cam
 from tool.pseudo_mask import background_mask, pseudo_mask
+from tests.compat import FIXTURES, fixture_state_dict, needs_shared
 
-COMPAT = Path(__file__).resolve().parents[2] / 'shared' / 'compat'
-FIXTURES = COMPAT / 'fixtures'
-needs_shared = pytest.mark.skipif(not COMPAT.is_dir(), reason=f'{COMPAT} missing (shared/ is cloned beside the repo)')
 LAYERS = ('b4_5', 'b5_2', 'bn7')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny convolutions: one thread is faster, and far faster (40 s -> 2 s measured) when other
-    processes share the cores and OpenMP threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model(seed=0):
@@ -116,10 +102,7 @@ def test_train_mode_is_refused():
 
 @pytest.fixture(scope='module')
 def reference_model():
-    spec = importlib.util.spec_from_file_location('fixture_weights', COMPAT / 'fixture_weights.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return Net.from_state_dict(module.state_dict('stage1_resnet38_cls')).eval()
+    return Net.from_state_dict(fixture_state_dict('stage1_resnet38_cls')).eval()
 
 
 def read_input(path):

@@ -16,10 +16,10 @@ from tool import convert_weights
 from tool.checkpoint import read_state_dict, state_dict_diff
 from tool.io import InputError
 from tool.mxnet_params import read_params, resnet38d_state_dict, torch_key
+from tests.compat import FIXTURES, needs_shared
 
 REPO = Path(__file__).resolve().parents[1]
-MXNET_FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'compat' / 'fixtures' / 'mxnet'
-needs_shared = pytest.mark.skipif(not MXNET_FIXTURES.is_dir(), reason=f'{MXNET_FIXTURES} missing (shared/ is cloned beside the repo)')
+MXNET_FIXTURES = FIXTURES / 'mxnet'
 
 DTYPE_FLAGS = {np.float32: 0, np.float64: 1, np.float16: 2, np.uint8: 3, np.int32: 4, np.int8: 5, np.int64: 6}
 

@@ -18,21 +18,9 @@ from tool.io import InputError, run_cli
 from tool.metrics import ConfusionMatrix
 from tool.pseudo_mask import background_mask, grayscale, normalise, pseudo_mask
 from tool.synth import write_dataset
+from tests.compat import FIXTURES, needs_shared
 
-FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'compat' / 'fixtures'
-needs_shared = pytest.mark.skipif(not FIXTURES.is_dir(),
-                                  reason=f'{FIXTURES} missing (shared/ is cloned beside the repo)')
 LAYERS = ('b4_5', 'b5_2', 'bn7')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny convolutions: one thread is faster, and far faster (40 s -> 2 s measured) when other
-    processes share the cores and OpenMP threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- the rule on hand-built arrays ---------------------------------------------------------------

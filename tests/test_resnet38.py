@@ -1,7 +1,4 @@
 """Stage-1 network: reference layout, reference numbers, CAMs, PDA, freezing, loading."""
-import importlib.util
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +12,13 @@ from network.pda import next_gamma, progressive_dropout_attention
 from network.resnet38_cls import FROZEN_LAYERS, Net, load_backbone
 from tool.checkpoint import read_state_dict, save_checkpoint
 from tool.io import InputError
+from tests.compat import FIXTURES, fixture_state_dict, needs_shared, reference_keys
 
-COMPAT = Path(__file__).resolve().parents[2] / 'shared' / 'compat'
-needs_shared = pytest.mark.skipif(not COMPAT.is_dir(), reason=f'{COMPAT} missing (shared/ is cloned beside the repo)')
 PATCHES = ('IHC-0-0-[1 0 0 1]', 'IHC-288-200-[1 0 1 1]')
 
 
 def manifest():
-    return json.loads((COMPAT / 'reference_state_dict_keys.json').read_text())['stage1_resnet38_cls']
+    return reference_keys('stage1_resnet38_cls')
 
 
 def shapes(model):
@@ -31,10 +27,7 @@ def shapes(model):
 
 @pytest.fixture(scope='module')
 def reference_weights():
-    spec = importlib.util.spec_from_file_location('fixture_weights', COMPAT / 'fixture_weights.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.state_dict('stage1_resnet38_cls')
+    return fixture_state_dict('stage1_resnet38_cls')
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +36,7 @@ def reference_model(reference_weights):
 
 
 def read_patch(name):
-    rgb = np.asarray(Image.open(COMPAT / 'fixtures' / 'luad' / 'train' / f'{name}.png').convert('RGB'))
+    rgb = np.asarray(Image.open(FIXTURES / 'luad' / 'train' / f'{name}.png').convert('RGB'))
     return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
 
 
@@ -84,7 +77,7 @@ def test_reference_weights_load_strictly_in_every_wrapping(reference_weights):
 @needs_shared
 @pytest.mark.slow
 def test_cams_and_logits_equal_the_reference(reference_model):
-    reference = np.load(COMPAT / 'fixtures' / 'luad' / 'ref_stage1.npz')
+    reference = np.load(FIXTURES / 'luad' / 'ref_stage1.npz')
     for name in PATCHES:
         with torch.no_grad():
             cams, logits = reference_model.forward_cam(read_patch(name))
@@ -100,7 +93,7 @@ def test_cams_and_logits_equal_the_reference(reference_model):
 @pytest.mark.slow
 def test_layer_activations_give_the_reference_gradcam(reference_model):
     """forward_layers exposes exactly the activations the reference's Grad-CAM used."""
-    reference = np.load(COMPAT / 'fixtures' / 'luad' / 'ref_stage1.npz')
+    reference = np.load(FIXTURES / 'luad' / 'ref_stage1.npz')
     name, layers = PATCHES[1], ('b4_5', 'b5_2', 'bn7')
     features, activations = reference_model.forward_layers(read_patch(name), layers)
     logits = reference_model.classify(features)

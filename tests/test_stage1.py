@@ -19,9 +19,9 @@ from tool.checkpoint import load_checkpoint, read_state_dict
 from tool.io import InputError, run_cli
 from tool.metrics import ConfusionMatrix
 from tool.synth import write_dataset
+from tests.compat import FIXTURES, fixture_state_dict, needs_shared, reference_keys
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / 'shared'
 WIDTH = 0.0625  # 4 channels in conv1a: the full ResNet-38 depth, fast enough for tests
 
 REFERENCE_DEFAULTS = {
@@ -124,7 +124,7 @@ def test_training_run_writes_everything_and_schedules_pda(trained):
     assert (resume['epoch'], resume['step']) == (4, 20)
     assert resume['gamma'] == pytest.approx(gammas[-1] * 0.98)
     # the final weights load into the reference's key layout, BatchNorm statistics included
-    keys = set(json.load(open(SHARED / 'compat/reference_state_dict_keys.json'))['stage1_resnet38_cls'])
+    keys = set(reference_keys('stage1_resnet38_cls'))
     state_dict = read_state_dict(str(trained / 'stage1_checkpoint_trained_on_luad.pth'))
     assert set(state_dict) == keys
     assert json.load(open(trained / 'stage1_args.json'))['args']['width'] == WIDTH
@@ -279,13 +279,10 @@ def test_non_finite_loss_stops_naming_epoch_and_step(data, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+@needs_shared
 def test_full_size_test_phase_reproduces_the_reference_fixture(tmp_path):
-    if not SHARED.is_dir():
-        pytest.skip(f'{SHARED} missing: the reference fixtures live beside the repository')
-    sys.path.insert(0, str(SHARED / 'compat'))
-    from fixture_weights import state_dict
-    torch.save(state_dict('stage1_resnet38_cls'), tmp_path / 'stage1.pth')
-    fixtures = SHARED / 'compat/fixtures/luad'
+    torch.save(fixture_state_dict('stage1_resnet38_cls'), tmp_path / 'stage1.pth')
+    fixtures = FIXTURES / 'luad'
     run(stage1.get_args_parser().parse_args(
         ['--test_only', '--weights', str(tmp_path / 'stage1.pth'), '--dataroot', str(fixtures),
          '--dataset', 'luad', '--device', 'cpu', '--num_workers', '0', '--save_folder', str(tmp_path)]))

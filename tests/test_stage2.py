@@ -53,16 +53,6 @@ def write_dataset(root, n_train=8, n_eval=4):
             save_palette_png(mask, PALETTES['luad'], os.path.join(root, split, 'mask', f'{split}{i}.png'))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads ran these steps ~7x slower
-    (barrier spinning whenever another process holds a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('stage2_data')
