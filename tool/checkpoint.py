@@ -6,6 +6,8 @@ types are allowed, nothing else.
 """
 import os
 import pickle
+import re
+import warnings
 import zipfile
 
 import numpy as np
@@ -26,17 +28,35 @@ def load_checkpoint(path, map_location='cpu'):
     if not os.path.isfile(path):
         raise InputError(f'{path}: checkpoint not found')
     try:
-        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS), warnings.catch_warnings():
+            # torch warns about a pickle protocol above 2 before refusing or reading the file:
+            # the refusal, or nothing, is what the user needs to see.
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'Unsupported global' in str(e):
-            raise InputError(f'{path}: refused, the checkpoint contains objects that would run code '
-                             f'when loaded ({_unsafe_globals(path) or first})') from None
-        raise InputError(f'{path}: corrupt checkpoint ({first})') from None
+        reason = _unpickler_reason(e)
+        if _RUNS_CODE.search(reason):
+            named = re.search(r'GLOBAL (\S+)', reason)
+            raise InputError(f'{path}: refused, the checkpoint contains objects that would run code when loaded '
+                             f'({_unsafe_globals(path) or (named.group(1) if named else reason)}); only tensors, '
+                             f'numbers and containers of them are read') from None
+        raise InputError(f'{path}: corrupt, or not a PyTorch checkpoint ({reason})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f'{path}: corrupt or truncated checkpoint ({first})') from None
+
+
+# What torch's weights-only unpickler says when the pickle asks to import or call something:
+# unpickled without weights_only, that code would run.
+_RUNS_CODE = re.compile(r'GLOBAL|[Gg]lobal|call reduce|new object|Can only build')
+
+
+def _unpickler_reason(error):
+    """The weights-only unpickler's own one-line reason. torch re-raises it wrapped in paragraphs
+    of advice (that the user cannot follow here), keeping the original as __context__."""
+    original = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
+    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _unsafe_globals(path):

@@ -79,5 +79,15 @@ def run_cli(main, args):
     except InputError as e:
         if getattr(args, 'debug', False):
             raise
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(error):
+    """The message of an InputError. One raised in a DataLoader worker comes back as a new
+    InputError('Caught InputError in DataLoader worker process N. Original Traceback ...'): its
+    last line, '<module>.InputError: <message>', holds the worker's message."""
+    message = str(error)
+    if message.startswith('Caught ') and '\nOriginal Traceback' in message:
+        message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]
+    return message
