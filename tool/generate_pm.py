@@ -27,8 +27,8 @@ from tool.gradcam import multi_layer_grad_cam
 from tool.io import InputError, save_palette_png, save_png, save_text
 from tool.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.pseudo_mask import background_mask, normalise, pseudo_mask
-from tool.utils import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode, is_main_process,
-                        resolve_device, seed_everything, write_run_record)
+from tool.utils import (all_reduce_sum, configure_cuda_speed, data_workers, get_rank, get_world_size,
+                        init_distributed_mode, is_main_process, resolve_device, seed_everything, write_run_record)
 
 TRUTH_DIR = 'train_gt'
 METRICS_FILE = 'pseudo_mask_metrics.json'
@@ -164,7 +164,7 @@ def load_model(args, device):
     if model.fc8.weight.shape[0] != args.n_class:
         raise InputError(f'{args.weights}: the classifier has {model.fc8.weight.shape[0]} classes, '
                          f'--n_class is {args.n_class}')
-    return model.to(device).eval()
+    return model.to(device, memory_format=configure_cuda_speed(device)).eval()
 
 
 def same_size_groups(items):
@@ -204,7 +204,7 @@ def main(args):
             print(f'{skipped} patches already have every mask and are skipped (--overwrite recomputes them)')
 
     scores = PseudoMaskScores(layers, args.n_class) if has_truth else None
-    loader = DataLoader(Subset(dataset, todo), batch_size=args.batch_size, num_workers=args.num_workers,
+    loader = DataLoader(Subset(dataset, todo), batch_size=args.batch_size, num_workers=data_workers(args.num_workers),
                         collate_fn=list)
     for items in tqdm(loader, desc='pseudo-masks', disable=not is_main_process(), dynamic_ncols=True):
         for group in same_size_groups(items):

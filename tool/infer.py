@@ -1,4 +1,4 @@
-"""Inference: segment tissue images with a trained stage-2 model, optionally gated by stage 1.
+r"""Inference: segment tissue images with a trained stage-2 model, optionally gated by stage 1.
 
     python 4_infer.py --checkpoint checkpoints/stage2_checkpoint_trained_on_luad.pth \
         --input images/ --out results/ [--stage1 stage1.pth --gate mask] [--masks truth/]
@@ -35,7 +35,7 @@ from tool.image_source import EXTENSIONS, PixelArray, image_size, large_images_a
 from tool.io import InputError, save_palette_png, save_png, save_text
 from tool.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.sliding_window import blended_rows
-from tool.utils import resolve_device
+from tool.utils import autocast_dtype, configure_cuda_speed, data_workers, resolve_device
 
 OVERLAY_COLOUR_WEIGHT = 0.3  # the reference's cv2.addWeighted(mask, 0.3, image, 0.7, 0)
 
@@ -170,12 +170,8 @@ def load_predictor(args, device, n_class):
         found = classifier.fc8.weight.shape[0]
         if found != n_class:
             raise InputError(f'{args.stage1}: classifies {found} classes, the stage-2 checkpoint {n_class}')
-    amp_dtype = None
-    if args.amp and device.type == 'cuda':
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif args.amp:
-        print('note: --amp needs CUDA; predicting in float32')
-    return Predictor(segmenter, device, classifier, args.gate, args.gate_threshold, amp_dtype)
+    return Predictor(segmenter, device, classifier, args.gate, args.gate_threshold,
+                     autocast_dtype(args.amp, device))
 
 
 class Predictor:
@@ -184,11 +180,9 @@ class Predictor:
     RGB / 255, no mean/std."""
 
     def __init__(self, segmenter, device, classifier=None, gate=None, threshold=GATE_THRESHOLD, amp_dtype=None):
-        # NHWC ('channels_last') is what cuDNN's fastest convolutions want, and what the images
-        # already are; on the CPU plain NCHW keeps results equal to the reference's.
-        self.memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-        if device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True  # every batch has the same tile size
+        # On CUDA channels_last (also what the images already are) and cuDNN autotuning (every
+        # batch has the same tile size); on the CPU plain NCHW keeps results equal to the reference's.
+        self.memory_format = configure_cuda_speed(device)
         self.segmenter = segmenter.to(device, memory_format=self.memory_format).eval()
         self.classifier = None if classifier is None else classifier.to(device, memory_format=self.memory_format).eval()
         self.device, self.gate, self.threshold, self.amp_dtype = device, gate, threshold, amp_dtype
@@ -237,7 +231,7 @@ def segment_whole(predictor, jobs, outputs, args, bar):
     names, paths, sizes = zip(*jobs)
     loader = torch.utils.data.DataLoader(
         WholeImages(paths, args.level), batch_sampler=same_size_batches(sizes, args.batch_size),
-        num_workers=args.workers, pin_memory=predictor.device.type == 'cuda')
+        num_workers=data_workers(args.workers), pin_memory=predictor.device.type == 'cuda')
     for indices, rgb in loader:
         labels = argmax(predictor(rgb), dim=1)
         for i, index in enumerate(indices.tolist()):

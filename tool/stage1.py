@@ -29,9 +29,10 @@ from tool.data import CLASS_NAMES, N_CLASS, TissueDataset
 from tool.io import InputError, save_text
 from tool.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.mxnet_params import resnet38d_state_dict
-from tool.utils import (MetricsLog, all_reduce_sum, check_finite, get_rank, get_world_size,
-                        init_distributed_mode, is_main_process, poly_lr, resolve_device, rng_state,
-                        seed_everything, set_rng_state, write_run_record)
+from tool.utils import (MetricsLog, all_reduce_sum, autocast_dtype, check_finite, configure_cuda_speed,
+                        data_workers, get_rank, get_world_size, init_distributed_mode, is_main_process,
+                        mean_across_ranks, poly_lr, resolve_device, rng_state, seed_everything, set_rng_state,
+                        write_run_record)
 
 PDA_FIRST_EPOCH = 3     # the reference enables PDA when the 0-based epoch is > 2
 CAM_THRESHOLD = 0.25    # test phase: a class is present when sigmoid(logit) > 0.25
@@ -98,22 +99,28 @@ def make_data_loaders(args, device):
     set_epoch, so epoch e draws the same batches whether or not the run was resumed before it.
     Test patches are split over the processes without padding, so each is scored exactly once;
     batch size 1 because test patches may differ in size."""
-    pin_memory = device.type == 'cuda'
+    pin_memory, num_workers = device.type == 'cuda', data_workers(args.num_workers)
     test_root, test_split = dataset_folder(args.testroot, ('test', 'val'), '--testroot')
     test_set = TissueDataset(test_root, test_split, args.dataset)
+    test_set.labels  # reads every test mask now (the test needs them): a bad one stops the run before training
     test_loader = DataLoader(Subset(test_set, range(get_rank(), len(test_set), get_world_size())),
-                             batch_size=1, num_workers=args.num_workers, pin_memory=pin_memory)
+                             batch_size=1, num_workers=num_workers, pin_memory=pin_memory)
     if args.test_only:
         return None, test_loader
     train_root, _ = dataset_folder(args.trainroot, ('train',), '--trainroot')
     train_set = TissueDataset(train_root, 'train', args.dataset, augment='flip')
+    # --batch_size is the global batch (the reference's, split over its GPUs by DataParallel): each
+    # process takes its share, so 1 or N processes train on the same batches.
+    if args.batch_size % get_world_size():
+        raise InputError(f'--batch_size {args.batch_size}: must divide among {get_world_size()} processes')
+    per_process = args.batch_size // get_world_size()
     sampler = DistributedSampler(train_set, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
                                  seed=args.seed)
-    if len(sampler) < args.batch_size:
-        raise InputError(f'{args.trainroot}: {len(train_set)} patches give {len(sampler)} per process, '
-                         f'fewer than one batch (--batch_size {args.batch_size}); every epoch would be empty')
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=args.num_workers, pin_memory=pin_memory)
+    if len(sampler) < per_process:
+        raise InputError(f'{args.trainroot}: {len(train_set)} patches are fewer than one batch '
+                         f'(--batch_size {args.batch_size}); every epoch would be empty')
+    train_loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
+                              num_workers=num_workers, pin_memory=pin_memory)
     return train_loader, test_loader
 
 
@@ -217,7 +224,7 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, data_loader, device,
             epoch_sums += [*values.sum(axis=0), len(values)]
             bar.set_postfix(loss=f'{values[-1, 0]:.4f}', exact=f'{values[-1, 1]:.2f}', lr=f'{pending[-1][1]:.2e}')
             pending = []
-    loss_sum, exact_sum, jaccard_sum, steps = all_reduce_sum(epoch_sums.tolist(), device)
+    loss_sum, exact_sum, jaccard_sum, steps = epoch_sums.tolist()  # global-batch values, the same in every process
     metrics_log.write({'epoch': epoch, 'step': step, 'epoch_loss': loss_sum / steps,
                        'epoch_exact_match': exact_sum / steps, 'epoch_jaccard': jaccard_sum / steps,
                        'gamma': gamma, 'pda': enable_pda}, step)
@@ -238,9 +245,10 @@ def label_set_agreement(logits, labels):
 
 
 def log_steps(pending, epoch, gamma, enable_pda, metrics_log):
-    """Read back [(step, lr, tensor(loss, exact, jaccard))], stop on a non-finite loss, write one
-    record per step; returns the values as an array (steps, 3)."""
-    stacked = torch.stack([v for _, _, v in pending]).float().cpu()
+    """Read back [(step, lr, tensor(loss, exact, jaccard))], averaged over the processes (the
+    global batch's values), stop on a non-finite loss, write one record per step; returns the
+    values as an array (steps, 3)."""
+    stacked = mean_across_ranks(torch.stack([v for _, _, v in pending]).float()).cpu()
     for (step, lr, _), row in zip(pending, stacked):
         check_finite(row[0], f'epoch {epoch} step {step}')
         loss, exact, jaccard = row.tolist()
@@ -276,24 +284,6 @@ def load_resume_state(path, model, optimizer, lr_scheduler, scaler):
     model.gamma = state['gamma']
     set_rng_state(state['rng'])
     return state['epoch'] + 1, state['step']
-
-
-def forget_steps_after(metrics_path, epoch):
-    """A run killed mid-epoch logged steps that the resumed run will do again: drop them, so the
-    log reads as one uninterrupted run."""
-    if not is_main_process() or not os.path.isfile(metrics_path):
-        return
-    with open(metrics_path) as f:
-        kept = [line for line in f if logged_epoch(line) < epoch]
-    save_text(''.join(kept), metrics_path)
-
-
-def logged_epoch(line):
-    """The epoch of a metrics.jsonl line; infinity for a line cut short by the kill."""
-    try:
-        return json.loads(line)['epoch']
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float('inf')
 
 
 # ---- test phase: CAMs as segmentation --------------------------------------------------------
@@ -348,10 +338,14 @@ def evaluate(model, data_loader, device, seed=0):
     n_class = model.fc8.weight.shape[0]
     dataset = data_loader.dataset.dataset
     label_frequency = torch.from_numpy(dataset.labels.sum(axis=0))
-    generator = torch.Generator().manual_seed(seed + get_rank())
+    generator = torch.Generator()
     confusion = {name: ConfusionMatrix(n_class) for name in ('CAM', *BASELINES)}
     patches = forced = 0
-    for batch in tqdm(data_loader, desc='test', disable=not is_main_process(), dynamic_ncols=True):
+    batches = tqdm(data_loader, desc='test', disable=not is_main_process(), dynamic_ncols=True)
+    for batch, index in zip(batches, data_loader.dataset.indices):  # batch size 1: one test patch each
+        # The random baseline of each patch has its own stream, so the scores do not depend on
+        # how the patches are split over processes.
+        generator.manual_seed(seed * len(dataset) + index)
         images = batch['image'].to(device, non_blocking=True)
         cams, logits = model.forward_cam(images)
         prediction, was_forced = cam_segmentation(cams, logits, images.shape[2:])
@@ -408,9 +402,13 @@ def main(args):
     model, how = make_model(args)
     if is_main_process():
         print(how)
-    model.to(device)
+    # A channels_last model makes cuDNN run every convolution in that layout, whatever the input's.
+    model.to(device, memory_format=configure_cuda_speed(device))
     train_loader, test_loader = make_data_loaders(args, device)
-    amp_dtype = autocast_dtype(args, device)
+    amp_dtype = autocast_dtype(args.amp, device)
+    # Before SyncBatchNorm: parameter_groups() finds the BatchNorm2d layers, and the conversion
+    # keeps their parameter objects, so the optimiser still holds them.
+    optimizer, lr_scheduler = make_optimizer(model, args, len(train_loader))
     # SyncBatchNorm needs CUDA (torch 2.14 refuses CPU tensors), and only matters when BN trains.
     if args.distributed and device.type == 'cuda' and not model.frozen:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -418,7 +416,6 @@ def main(args):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
-    optimizer, lr_scheduler = make_optimizer(model_without_ddp, args, len(train_loader))
     scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
 
     resume_path = resume_file(args)
@@ -426,7 +423,7 @@ def main(args):
     metrics_path = os.path.join(args.save_folder, 'metrics.jsonl')
     if resume_path:
         start_epoch, step = load_resume_state(resume_path, model_without_ddp, optimizer, lr_scheduler, scaler)
-        forget_steps_after(metrics_path, start_epoch)
+        MetricsLog(metrics_path).forget_epochs_from(start_epoch)
         if is_main_process():
             print(f'{resume_path}: resuming at epoch {start_epoch} (step {step})')
     elif is_main_process() and os.path.isfile(metrics_path):
@@ -456,13 +453,3 @@ def resume_file(args):
         path = os.path.join(args.save_folder, RESUME_FILE)
         return path if os.path.isfile(path) else None
     return args.resume
-
-
-def autocast_dtype(args, device):
-    if not args.amp:
-        return None
-    if device.type != 'cuda':
-        if is_main_process():
-            print('note: --amp is for CUDA; training in float32 on the CPU')
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

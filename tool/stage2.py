@@ -1,4 +1,4 @@
-"""Stage 2: DeepLabV3+ trained on the multi-layer pseudo-masks, validated every epoch, tested
+r"""Stage 2: DeepLabV3+ trained on the multi-layer pseudo-masks, validated every epoch, tested
 with and without the classification gate.
 
     python 3_train_stage2.py --dataset luad --dataroot datasets/LUAD-HistoSeg --epochs 30 \
@@ -130,7 +130,8 @@ def make_train_loader(args):
     per_process = args.batch_size // world
     # A last batch of a single patch would stop BatchNorm in training (the ASPP pooling branch sees
     # one value per channel): drop it then, keep the partial batch otherwise (as the reference).
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=args.workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_process, sampler=sampler,
+                                         num_workers=utils.data_workers(args.workers),
                                          pin_memory=args.device != 'cpu', drop_last=len(sampler) % per_process == 1)
     if len(loader) == 0:
         raise InputError(f'{dataset.image_dir}: {len(dataset)} patch(es) are too few for training')
@@ -139,11 +140,13 @@ def make_train_loader(args):
 
 def make_eval_loader(args, split):
     dataset = TissueDataset(args.dataroot, split, args.dataset)
+    dataset.labels  # reads every mask now: a bad one stops the run before training, not after epoch 0
     # Each process scores its own slice, without the padding of DistributedSampler, so that the
     # summed confusion matrices count every patch exactly once.
     own = list(range(utils.get_rank(), len(dataset), utils.get_world_size()))
     return torch.utils.data.DataLoader(dataset, batch_size=max(1, args.batch_size // utils.get_world_size()),
-                                       sampler=own, num_workers=args.workers, pin_memory=args.device != 'cpu')
+                                       sampler=own, num_workers=utils.data_workers(args.workers),
+                                       pin_memory=args.device != 'cpu')
 
 
 # ---- model and optimiser -----------------------------------------------------------------------
@@ -233,7 +236,9 @@ def train_one_epoch(model, optimizer, loader, device, epoch, args, log, amp_dtyp
             optimizer.step()
         pending.append((step, lr, loss.detach()))
         if len(pending) == LOG_EVERY or i == len(loader) - 1:
-            losses = torch.stack([p[2] for p in pending]).cpu()
+            # The mean over processes of loss / world size is the loss of the global batch, as
+            # the reference computes it for a batch of --batch-size.
+            losses = utils.mean_across_ranks(torch.stack([p[2] for p in pending])).cpu()
             for (s, r, _), value in zip(pending, losses):
                 utils.check_finite(value, f'epoch {epoch} step {s}')
                 log.write({'epoch': epoch, 'step': s, 'lr': r, 'loss': value.item()}, step=s)
@@ -351,13 +356,7 @@ def setup(args):
     if args.sync_bn and not multi_gpu:
         print('note: --sync-bn only applies to several GPUs under torchrun; using BatchNorm')
     args.sync_bn = multi_gpu if args.sync_bn is None else bool(args.sync_bn and multi_gpu)
-    amp_dtype = None
-    if args.amp:
-        if device.type == 'cuda':
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            print('note: --amp needs CUDA; training in float32')
-    return device, amp_dtype
+    return device, utils.autocast_dtype(args.amp, device)
 
 
 def main(args):
@@ -372,12 +371,14 @@ def main(args):
         if model.decoder.last_conv[8].out_channels != args.n_class:
             raise InputError(f'{args.resume}: has {model.decoder.last_conv[8].out_channels} classes, not '
                              f'{args.n_class}: an initialisation file? --test_only needs a trained stage-2 checkpoint')
-        return test(model.to(device), stage1, make_eval_loader(args, 'test'), device, args, args.resume, amp_dtype)
+        model.to(device, memory_format=utils.configure_cuda_speed(device))
+        return test(model, stage1, make_eval_loader(args, 'test'), device, args, args.resume, amp_dtype)
 
     train_loader, val_loader, test_loader = make_data_loaders(args)
     state_path = resume_state_path(args)
     fresh = state_path is None  # otherwise the saved state replaces the initial weights
-    model = make_model(args, initialise=fresh).to(device)
+    # A channels_last model makes cuDNN run every convolution in that layout, whatever the input's.
+    model = make_model(args, initialise=fresh).to(device, memory_format=utils.configure_cuda_speed(device))
     optimizer = make_optimizer(model, args)
     if args.ft and fresh and args.resume.lower() != 'none':
         load_optimizer_state(optimizer, args.resume)
@@ -391,6 +392,7 @@ def main(args):
                                                           else None)
 
     log = utils.MetricsLog(os.path.join(args.savepath, 'metrics.jsonl'))
+    log.forget_epochs_from(start_epoch)  # what a killed run logged of the epochs it will redo
     log.write({'event': 'start', 'resumed_from': state_path, 'start_epoch': start_epoch})
     utils.write_run_record(args.savepath, args, name='stage2_run_args.json')
     class_names = CLASS_NAMES[args.dataset]

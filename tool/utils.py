@@ -73,6 +73,50 @@ def all_reduce_sum(values, device='cpu'):
     return t.tolist()
 
 
+def mean_across_ranks(tensor):
+    """The mean over processes of a tensor each process holds, on its device (itself in one
+    process). Per-process batch means of equal-sized batches average to the global batch mean."""
+    if not is_dist():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / get_world_size()
+
+
+def data_workers(requested):
+    """DataLoader worker processes: the requested number, but no more than this process's share of
+    the CPU cores (torchrun starts LOCAL_WORLD_SIZE processes per machine). Workers beyond that
+    only compete with the training threads and each other. (Augmentations depend on the number
+    of workers, as with any DataLoader: a machine with fewer cores may draw other flips.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    share = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    return min(requested, share)
+
+
+# ---- CUDA speed ------------------------------------------------------------------------------
+
+def autocast_dtype(amp, device):
+    """The autocast dtype for --amp: bfloat16 where the GPU supports it (no loss scaling needed),
+    else float16 (the caller then needs a GradScaler); None (float32) without --amp or off CUDA."""
+    if not amp:
+        return None
+    if device.type != 'cuda':
+        if is_main_process():
+            print('note: --amp is for CUDA; running in float32 on the CPU')
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def configure_cuda_speed(device):
+    """On CUDA: let cuDNN pick the fastest convolution for the (fixed) input size, and return
+    channels_last, the layout its fastest (tensor-core) convolutions use, for models and inputs.
+    Elsewhere nothing changes: NCHW keeps CPU results equal to the reference's."""
+    if device.type != 'cuda':
+        return torch.contiguous_format
+    torch.backends.cudnn.benchmark = True
+    return torch.channels_last
+
+
 # ---- repeatability ---------------------------------------------------------------------------
 
 def seed_everything(seed):
@@ -155,12 +199,25 @@ class MetricsLog:
         self.path = path if is_main_process() else None
         self.tb = None
         if self.path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            folder = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise InputError(f'{folder}: cannot write here ({e.strerror})') from None
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(os.path.join(os.path.dirname(os.path.abspath(path)), 'tensorboard'))
             except ImportError:
                 pass
+
+    def forget_epochs_from(self, epoch):
+        """A run killed mid-epoch logged steps that the resumed run does again: drop the records of
+        `epoch` and later, and a last line cut short by the kill, so the log reads as one run."""
+        if not self.path or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if _logged_epoch(line) < epoch]
+        save_text(''.join(kept), self.path)
 
     def write(self, record, step=None):
         if not self.path:
@@ -172,6 +229,14 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
+
+
+def _logged_epoch(line):
+    """The epoch of a metrics line (-1 for records of no epoch); infinity for a broken line."""
+    try:
+        return json.loads(line).get('epoch', -1)
+    except (json.JSONDecodeError, AttributeError):
+        return float('inf')
 
 
 def str2bool(value):

@@ -1,0 +1,130 @@
+"""Stage-1 training speed: our training loop against the reference's, in images per second.
+
+    python -m bench.bench_stage1                          # CPU, reduced network, about a minute
+    python -m bench.bench_stage1 --device cuda --width 1 --size 224 --batch_size 20 --patches 400 [--amp]
+
+Both paths train copies of one network (frozen conv1a..b2_2 and BatchNorm, as fine-tuning from
+ImageNet weights; PDA on, as in 17 of the 20 epochs) with the same optimiser on the same synthetic
+patches, after two warm-up steps each, alternating epoch by epoch; the best epoch of each counts.
+
+- ours: tool.stage1.train_one_epoch with tool.stage1's loaders (pinned memory and non-blocking
+  copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
+  --amp (bf16, or fp16 with loss scaling), losses read back every --print_freq steps.
+- reference (WSSS-Tissue's 1_train_stage1.py, restated): DataLoader(shuffle, --workers,
+  pin_memory=False, drop_last), plain .cuda() copies, float32 NCHW, and every step: the sigmoid
+  predictions and labels copied to the host and scored image by image in Python (exact match,
+  Jaccard), loss.item(), torch.cuda.empty_cache().
+
+On the CPU those per-step habits cost next to nothing, so the ratio is close to 1 there; what
+they cost is GPU idle time (each host read waits for the GPU; emptying the cache makes the next
+step allocate again).
+"""
+import argparse
+import copy
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from bench.timing import alternating_rates, report
+from network.resnet38_cls import Net
+from tool import stage1
+from tool.synth import write_dataset
+from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, resolve_device
+
+PDA_EPOCH = stage1.PDA_FIRST_EPOCH  # an epoch with PDA on, as most of a run is
+
+
+def reference_epoch(model, optimizer, lr_scheduler, loader, device):
+    """One epoch the way the reference's train_phase runs it."""
+    model.train()
+    exact = jaccard = seen = 0
+    for batch in loader:
+        labels = batch['label'].to(device, non_blocking=True)  # from pageable memory: a synchronous copy
+        logits = model(batch['image'].to(device), enable_pda=True)
+        probs, truth = torch.sigmoid(logits).detach().cpu().numpy(), labels.cpu().numpy()
+        for p, t in zip(probs, truth):
+            predicted, true = set(np.flatnonzero(p > 0.5)), set(np.flatnonzero(t == 1))
+            exact += predicted == true
+            jaccard += round(len(predicted & true) / len(predicted | true), 4)
+            seen += 1
+        loss = F.multilabel_soft_margin_loss(logits, labels)
+        loss.item()  # the reference's AverageMeter
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+
+
+def main(args):
+    device = resolve_device(args.device)
+    if device.type == 'cpu':
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = Net(4, args.width, frozen=True)
+    with tempfile.TemporaryDirectory() as folder:
+        root = os.path.join(folder, 'synth')
+        write_dataset(root, 'luad', args.size, {'train': args.patches, 'val': 1, 'test': 1}, args.seed)
+        train_args = stage1.get_args_parser().parse_args([
+            '--trainroot', os.path.join(root, 'train'), '--testroot', os.path.join(root, 'test'),
+            '--dataset', 'luad', '--batch_size', str(args.batch_size), '--num_workers', str(args.workers),
+            '--print_freq', str(args.print_freq), '--max_epoches', '20', *(['--amp'] if args.amp else [])])
+        our_loader = stage1.make_data_loaders(train_args, device)[0]
+        dataset = our_loader.dataset
+        reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                      pin_memory=False, drop_last=True)
+        warm_up = DataLoader(Subset(dataset, range(2 * args.batch_size)), batch_size=args.batch_size)
+        where = f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else f' ({torch.cuda.get_device_name(device)})'
+        print(f'ResNet-38 width {start.width:g}, {args.size} px, {len(reference_loader) * args.batch_size} images an '
+              f'epoch, batch {args.batch_size}, {args.workers} workers requested, {device}{where}, '
+              f'{"ours with --amp" if args.amp else "float32"}')
+
+        reference_model = copy.deepcopy(start).to(device)
+        reference_optimizer = stage1.make_optimizer(reference_model, train_args, len(reference_loader))
+        our_model = copy.deepcopy(start).to(device, memory_format=configure_cuda_speed(device))
+        our_optimizer = stage1.make_optimizer(our_model, train_args, len(our_loader))
+        log = MetricsLog(os.path.join(folder, 'metrics.jsonl'))
+        amp_dtype = autocast_dtype(args.amp, device)
+        scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
+
+        def reference(loader):
+            torch.backends.cudnn.benchmark = False  # the reference leaves cuDNN's default
+            reference_epoch(reference_model, *reference_optimizer, loader, device)
+            return len(loader) * args.batch_size
+
+        def ours(loader):
+            configure_cuda_speed(device)  # cuDNN autotuning back on
+            stage1.train_one_epoch(our_model, *our_optimizer, scaler, loader, device, PDA_EPOCH, 0, train_args, log,
+                                   amp_dtype)
+            return len(loader) * args.batch_size
+
+        reference(warm_up)
+        ours(warm_up)
+        rates = alternating_rates({'reference': lambda: reference(reference_loader), 'ours': lambda: ours(our_loader)},
+                                  args.repeats, device)
+    report(rates, 'images/s')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--patches', type=int, default=32, help='training patches (an epoch)')
+    parser.add_argument('--repeats', type=int, default=2, help='epochs timed per path (the best counts)')
+    parser.add_argument('--size', type=int, default=112, help='patch size (the datasets: 224)')
+    parser.add_argument('--width', type=float, default=0.25, help='ResNet-38 width (1.0 = reference)')
+    parser.add_argument('--batch_size', type=int, default=4, help='the reference: 20')
+    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (the reference: 10)')
+    parser.add_argument('--print_freq', type=int, default=10, help='our path: read losses back every N steps')
+    parser.add_argument('--amp', action='store_true', help='our path: mixed precision (CUDA only)')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads')
+    parser.add_argument('--seed', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    main(parse_args())

@@ -1,0 +1,122 @@
+"""Stage-2 training speed: our training loop against the reference's, in images per second.
+
+    python -m bench.bench_stage2                          # CPU, DeepLab with ResNet-18, about a minute
+    python -m bench.bench_stage2 --device cuda --backbone resnet --size 224 --batch_size 20 --patches 400 [--amp]
+
+Both paths train copies of one DeepLabV3+ (BatchNorm training) with the same optimiser and the
+multi-layer pseudo-supervision loss on the same synthetic patches and masks (the synthetic truth
+stands in for the three pseudo-masks), alternating epoch by epoch after two warm-up steps each;
+the best epoch of each counts.
+
+- ours: tool.stage2.train_one_epoch with tool.stage2's loader (pinned memory and non-blocking
+  copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
+  --amp (bf16, or fp16 with loss scaling), losses read back every LOG_EVERY steps.
+- reference (WSSS-Tissue's 3_train_stage2.py Trainer.training, restated): DataLoader(shuffle,
+  --workers, pin_memory=False), plain .cuda() copies of the image and the three masks, float32
+  NCHW, and every step: the background channel built from a ones tensor made on the host and
+  copied over, and two loss.item() calls (progress bar and TensorBoard).
+
+On the CPU those per-step habits cost next to nothing, so the ratio is close to 1 there.
+"""
+import argparse
+import copy
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from bench.timing import alternating_rates, report
+from network.deeplab import BACKBONES, DeepLab
+from tool import stage2
+from tool.losses import BACKGROUND, BACKGROUND_LOGIT, IGNORE_INDEX
+from tool.synth import write_dataset
+from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, resolve_device
+
+
+def reference_epoch(model, optimizer, loader, device, args, epoch):
+    """One epoch the way the reference's Trainer.training runs it."""
+    model.train()
+    train_loss = 0.0
+    for i, batch in enumerate(loader):
+        image, masks = batch['image'].to(device), [m.to(device) for m in batch['masks'].unbind(1)]
+        stage2.set_learning_rate(optimizer, stage2.learning_rate(args, epoch * len(loader) + i, args.epochs * len(loader)))
+        optimizer.zero_grad()
+        output = model(image)
+        one = torch.ones((output.shape[0], 1, *output.shape[2:])).to(device)
+        output = torch.cat([output, BACKGROUND_LOGIT * one * (masks[0] == BACKGROUND).unsqueeze(1)], dim=1)
+        losses = [F.cross_entropy(output, m, ignore_index=IGNORE_INDEX) / output.shape[0] for m in masks]
+        loss = sum(w * l for w, l in zip(args.pm_weights, losses))
+        loss.backward()
+        optimizer.step()
+        train_loss += loss.item()  # the progress bar
+        loss.item()  # TensorBoard
+
+
+def main(args):
+    device = resolve_device(args.device)
+    if device.type == 'cpu':
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = DeepLab(args.backbone, 16, num_classes=4)
+    with tempfile.TemporaryDirectory() as folder:
+        root = os.path.join(folder, 'synth')
+        write_dataset(root, 'luad', args.size, {'train': args.patches, 'val': 1, 'test': 1}, args.seed)
+        for mask_dir in stage2.PSEUDO_MASK_DIRS:
+            shutil.copytree(os.path.join(root, 'train_gt'), os.path.join(root, mask_dir))
+        train_args = stage2.get_args_parser().parse_args([
+            '--dataroot', root, '--dataset', 'luad', '--batch-size', str(args.batch_size), '--workers',
+            str(args.workers), '--epochs', '30', '--device', str(device), *(['--amp'] if args.amp else [])])
+        our_loader = stage2.make_train_loader(train_args)
+        dataset = our_loader.dataset
+        reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                      pin_memory=False)
+        warm_up = DataLoader(Subset(dataset, range(2 * args.batch_size)), batch_size=args.batch_size)
+        where = f'{torch.get_num_threads()} threads' if device.type == 'cpu' else torch.cuda.get_device_name(device)
+        print(f'DeepLabV3+ {args.backbone}, {args.size} px, {len(dataset)} images an epoch, batch {args.batch_size}, '
+              f'{args.workers} workers requested, {device} ({where}), {"ours with --amp" if args.amp else "float32"}')
+
+        reference_model = copy.deepcopy(start).to(device)
+        reference_optimizer = stage2.make_optimizer(reference_model, train_args)
+        our_model = copy.deepcopy(start).to(device, memory_format=configure_cuda_speed(device))
+        our_optimizer = stage2.make_optimizer(our_model, train_args)
+        log = MetricsLog(os.path.join(folder, 'metrics.jsonl'))
+        amp_dtype = autocast_dtype(args.amp, device)
+        scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+
+        def reference(loader):
+            torch.backends.cudnn.benchmark = False  # the reference leaves cuDNN's default
+            reference_epoch(reference_model, reference_optimizer, loader, device, train_args, 0)
+            return len(loader.dataset)
+
+        def ours(loader):
+            configure_cuda_speed(device)  # cuDNN autotuning back on
+            stage2.train_one_epoch(our_model, our_optimizer, loader, device, 0, train_args, log, amp_dtype, scaler)
+            return len(loader.dataset)
+
+        reference(warm_up)
+        ours(warm_up)
+        rates = alternating_rates({'reference': lambda: reference(reference_loader), 'ours': lambda: ours(our_loader)},
+                                  args.repeats, device)
+    report(rates, 'images/s')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--patches', type=int, default=16, help='training patches (an epoch)')
+    parser.add_argument('--repeats', type=int, default=2, help='epochs timed per path (the best counts)')
+    parser.add_argument('--size', type=int, default=112, help='patch size (the datasets: 224)')
+    parser.add_argument('--backbone', default='resnet18', choices=BACKBONES, help="'resnet' = the reference's ResNet-101")
+    parser.add_argument('--batch_size', type=int, default=4, help='the reference: 20')
+    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (the reference: 10)')
+    parser.add_argument('--amp', action='store_true', help='our path: mixed precision (CUDA only)')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads')
+    parser.add_argument('--seed', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    main(parse_args())
