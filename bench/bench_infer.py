@@ -27,7 +27,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.timing import alternating_rates, report
+from bench.timing import add_common_args, alternating_rates, report
 from network.deeplab import BACKBONES, DeepLab
 from network.resnet38_cls import Net
 from tool.data import read_rgb
@@ -120,17 +120,11 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--patches', type=int, default=16)
-    parser.add_argument('--repeats', type=int, default=2, help='runs timed per path (the best counts)')
-    parser.add_argument('--size', type=int, default=112, help='patch size (the datasets: 224)')
+    add_common_args(parser, patches=16, repeats_help='runs')
     parser.add_argument('--backbone', default='resnet18', choices=BACKBONES, help="'resnet' = the reference's ResNet-101")
     parser.add_argument('--stage1_width', type=float, default=0.25, help='ResNet-38 width of the gate (1.0 = reference)')
     parser.add_argument('--no_gate', action='store_true', help='segmentation only (the reference\'s --Is_GM False)')
     parser.add_argument('--batch_size', type=int, default=16, help='our path: patches per forward (4_infer.py default)')
-    parser.add_argument('--amp', action='store_true', help='our path: mixed precision (CUDA only)')
-    parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads')
-    parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args(argv)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bench.timing import alternating_rates, report
+from bench.timing import add_common_args, alternating_rates, report
 from network.resnet38_cls import Net
 from tool import stage1
 from tool.synth import write_dataset
@@ -112,17 +112,11 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--patches', type=int, default=32, help='training patches (an epoch)')
-    parser.add_argument('--repeats', type=int, default=2, help='epochs timed per path (the best counts)')
-    parser.add_argument('--size', type=int, default=112, help='patch size (the datasets: 224)')
+    add_common_args(parser, patches=32, repeats_help='epochs')
     parser.add_argument('--width', type=float, default=0.25, help='ResNet-38 width (1.0 = reference)')
     parser.add_argument('--batch_size', type=int, default=4, help='the reference: 20')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (the reference: 10)')
     parser.add_argument('--print_freq', type=int, default=10, help='our path: read losses back every N steps')
-    parser.add_argument('--amp', action='store_true', help='our path: mixed precision (CUDA only)')
-    parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads')
-    parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args(argv)
 
 

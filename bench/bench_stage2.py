@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bench.timing import alternating_rates, report
+from bench.timing import add_common_args, alternating_rates, report
 from network.deeplab import BACKBONES, DeepLab
 from tool import stage2
 from tool.losses import BACKGROUND, BACKGROUND_LOGIT, IGNORE_INDEX
@@ -105,16 +105,10 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--patches', type=int, default=16, help='training patches (an epoch)')
-    parser.add_argument('--repeats', type=int, default=2, help='epochs timed per path (the best counts)')
-    parser.add_argument('--size', type=int, default=112, help='patch size (the datasets: 224)')
+    add_common_args(parser, patches=16, repeats_help='epochs')
     parser.add_argument('--backbone', default='resnet18', choices=BACKBONES, help="'resnet' = the reference's ResNet-101")
     parser.add_argument('--batch_size', type=int, default=4, help='the reference: 20')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (the reference: 10)')
-    parser.add_argument('--amp', action='store_true', help='our path: mixed precision (CUDA only)')
-    parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads')
-    parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""Timing shared by the bench scripts that compare our path with a reference-style one."""
+"""Timing and flags shared by the bench scripts that compare our path with a reference-style one."""
 import time
 
 from bench.bench_pseudo_mask import synchronize
@@ -23,3 +23,14 @@ def report(rates, unit):
     for name, values in rates.items():
         print(f'{name:<12}{max(values):9.2f} {unit}  (each run: {", ".join(f"{v:.2f}" for v in values)})')
     print(f'ratio ours / reference: {max(rates["ours"]) / max(rates["reference"]):.2f}x')
+
+
+def add_common_args(parser, patches, repeats_help):
+    """The flags every stage benchmark takes."""
+    parser.add_argument('--patches', type=int, default=patches, help='patches timed per run')
+    parser.add_argument('--repeats', type=int, default=2, help=f'{repeats_help} timed per path (the best counts)')
+    parser.add_argument('--size', type=int, default=112, help='patch size (the datasets: 224)')
+    parser.add_argument('--amp', action='store_true', help='our path: mixed precision (CUDA only)')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads')
+    parser.add_argument('--seed', type=int, default=0)

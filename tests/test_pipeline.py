@@ -1,0 +1,222 @@
+"""The whole pipeline (tool/pipeline.py) in its quick configuration: a tiny synthetic dataset,
+every stage script as a child process, the run folder, the summary and the contact sheet."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tool import pipeline
+from tool.contact_sheet import COLUMNS, GAP, MIN_TILE, TEXT_HEIGHT, choose_patches
+from tool.data import PALETTES, list_pngs
+from tool.io import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = pipeline.CONFIGS['quick']['synthetic']
+STAGES = ('data', 'stage1', 'pseudo_masks', 'stage2', 'fully_supervised', 'predictions')
+
+
+def run_pipeline(*args):
+    return subprocess.run([sys.executable, '-m', 'tool.pipeline', *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """One quick run (about a minute on one core) shared by the tests below: (folder, stdout)."""
+    folder = str(tmp_path_factory.mktemp('pipeline') / 'run')
+    result = run_pipeline('--quick', '--out', folder, '--sheet_patches', '3')
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder, result.stdout
+
+
+def read_json(*path):
+    with open(os.path.join(*path)) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_run_folder_holds_every_stage(run):
+    folder, _ = run
+    for name in ('run_args.json', 'summary.json', 'summary.md', 'contact_sheet.png',
+                 'stage1/stage1_checkpoint_trained_on_luad.pth', 'stage1/stage1_test_metrics.json',
+                 'pseudo_masks/pseudo_mask_metrics.json', 'stage2/stage2_checkpoint_trained_on_luad.pth',
+                 'stage2/test_metrics.json', 'fully_supervised/test_metrics.json', 'test_predictions/metrics.json',
+                 *[f'logs/{stage}.log' for stage in STAGES]):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    for name in pipeline.RESUME_FILES:  # only needed to continue an interrupted training
+        assert not os.path.exists(os.path.join(folder, name)), name
+    # Each log starts with the command line of its stage.
+    with open(os.path.join(folder, 'logs', 'stage2.log')) as f:
+        first = f.readline()
+    assert first.startswith('$ ') and '3_train_stage2.py' in first and '--supervision multilayer' in first
+    record = read_json(folder, 'run_args.json')
+    assert record['args']['config'] == 'quick' and record['args']['out'] == folder
+    assert record['args']['config_flags'] == pipeline.CONFIGS['quick'] and 'torch' in record['versions']
+    # A pseudo-mask per training patch and layer; the run's masks are what stage 2 read (data/train_PM).
+    train = list_pngs(os.path.join(folder, 'synthetic', 'train'))
+    assert len(train) == QUICK['train']
+    for layer in pipeline.LAYERS:
+        assert list_pngs(os.path.join(folder, 'pseudo_masks', f'PM_{layer}')) == train
+    assert os.path.realpath(os.path.join(folder, 'data', 'train_PM')) == os.path.realpath(
+        os.path.join(folder, 'pseudo_masks'))
+    assert len(list_pngs(os.path.join(folder, 'test_predictions', 'masks'))) == QUICK['test']
+    # The baseline trained on the pixel truth, the weakly supervised model on the pseudo-masks.
+    assert read_json(folder, 'fully_supervised', 'stage2_run_args.json')['args']['supervision'] == 'gt'
+    assert read_json(folder, 'stage2', 'stage2_run_args.json')['args']['supervision'] == 'multilayer'
+
+
+@pytest.mark.slow
+def test_summary_repeats_what_the_stages_measured(run):
+    folder, _ = run
+    summary = read_json(folder, 'summary.json')
+    assert summary['config'] == 'quick' and summary['dataset'] == 'luad'
+    scores = [summary['stage1_cam_test'], *summary['pseudo_masks_train'].values(),
+              *summary['stage2_test'].values(), summary['fully_supervised_test']]
+    assert len(scores) == 1 + 3 + 3 + 1
+    for s in scores:
+        assert set(s) == {'miou', 'fwiou'} and 0 <= s['miou'] <= 1 and 0 <= s['fwiou'] <= 1
+    assert summary['stage1_cam_test']['miou'] == read_json(folder, 'stage1', 'stage1_test_metrics.json')['miou']
+    layers = read_json(folder, 'pseudo_masks', 'pseudo_mask_metrics.json')['layers']
+    assert summary['pseudo_masks_train']['PM_bn7']['miou'] == layers['bn7']['miou']
+    modes = read_json(folder, 'stage2', 'test_metrics.json')['modes']
+    assert set(summary['stage2_test']) == {'no_gate', 'gate_multiply', 'gate_mask'}
+    assert summary['stage2_test']['gate_mask']['fwiou'] == modes['gate_mask']['fwiou']
+    fully = read_json(folder, 'fully_supervised', 'test_metrics.json')['modes']['no_gate']['miou']
+    weakly = modes['no_gate']['miou']
+    assert summary['gap_points'] == round(100 * (fully - weakly), 2)
+    # 4_infer.py on the test patches with the same checkpoint reproduces stage 2's own test.
+    assert read_json(folder, 'test_predictions', 'metrics.json')['miou'] == pytest.approx(weakly, abs=1e-6)
+    # Every stage timed; the chain ran one stage after another, the baseline beside it; each stage
+    # needed CPU time (a stage script starting Python and torch alone takes a second).
+    times = summary['times']
+    assert set(times) == {*STAGES, 'total'}
+    assert all(set(t) == {'wall_s', 'cpu_s'} and t['wall_s'] > 0 and t['cpu_s'] > 0.5 for t in times.values())
+    chain = ('data', 'stage1', 'pseudo_masks', 'stage2', 'predictions')
+    assert sum(times[stage]['wall_s'] for stage in chain) <= times['total']['wall_s'] + 0.5
+    assert times['fully_supervised']['wall_s'] <= times['total']['wall_s'] and summary['baseline_alongside'] is True
+    assert sum(times[stage]['cpu_s'] for stage in STAGES) <= times['total']['cpu_s'] + 0.5
+
+
+@pytest.mark.slow
+def test_markdown_table_is_printed_and_saved(run):
+    folder, stdout = run
+    summary = read_json(folder, 'summary.json')
+    with open(os.path.join(folder, 'summary.md')) as f:
+        markdown = f.read()
+    table = markdown[markdown.index('| stage |'):]
+    assert table.strip() in stdout  # the same table ends the printed output
+    rows = {cells[1]: cells for cells in (
+        [c.strip() for c in line.strip('|').split('|')] for line in table.splitlines() if line.startswith('| '))}
+    expected = {
+        'CAM, test patches': summary['stage1_cam_test'],
+        **{f'PM_{layer}, train patches vs train_gt': summary['pseudo_masks_train'][f'PM_{layer}']
+           for layer in pipeline.LAYERS},
+        'test, no gate': summary['stage2_test']['no_gate'],
+        'test, gate (multiply, reference)': summary['stage2_test']['gate_multiply'],
+        'test, gate (mask)': summary['stage2_test']['gate_mask'],
+        'same model, data and budget, train_gt; test, no gate': summary['fully_supervised_test'],
+    }
+    for result, s in expected.items():
+        assert rows[result][2:4] == [f'{s["miou"]:.4f}', f'{s["fwiou"]:.4f}'], result
+    times = summary['times']
+    assert rows['CAM, test patches'][4:] == [f'{times["stage1"]["wall_s"]:.1f}', f'{times["stage1"]["cpu_s"]:.1f}']
+    assert rows['all of the above'] == ['total', 'all of the above', '', '', f'{times["total"]["wall_s"]:.1f}',
+                                        f'{times["total"]["cpu_s"]:.1f}']
+    gap = summary['gap_points']
+    assert f'is {abs(gap):.2f} MIoU points {"below" if gap >= 0 else "above"} the fully-supervised model' in table
+
+
+@pytest.mark.slow
+def test_contact_sheet_shows_three_test_patches_in_six_columns(run):
+    folder, _ = run
+    sheet = np.asarray(Image.open(os.path.join(folder, 'contact_sheet.png')).convert('RGB'))
+    tile = MIN_TILE  # the 32 px patches are enlarged 4 times
+    assert sheet.shape == (TEXT_HEIGHT + 3 * (tile + GAP) + 2 * TEXT_HEIGHT, len(COLUMNS) * (tile + GAP) - GAP, 3)
+    palette = np.asarray(PALETTES['luad']).reshape(-1, 3)
+    for column in range(1, len(COLUMNS)):  # truth, three pseudo-masks, prediction: palette colours only
+        x = column * (tile + GAP)
+        colours = np.unique(sheet[TEXT_HEIGHT:TEXT_HEIGHT + tile, x:x + tile].reshape(-1, 3), axis=0)
+        assert all((palette == c).all(axis=1).any() for c in colours), COLUMNS[column]
+    # The prediction column is the stage-2 mask of a test patch, enlarged.
+    names = sorted(list_pngs(os.path.join(folder, 'synthetic', 'test', 'img')))
+    masks = [np.asarray(Image.open(os.path.join(folder, 'test_predictions', 'masks', n))) for n in names]
+    x = (len(COLUMNS) - 1) * (tile + GAP)
+    shown = sheet[TEXT_HEIGHT:TEXT_HEIGHT + tile:4, x:x + tile:4]
+    assert any((palette[m] == shown).all() for m in masks)
+
+
+@pytest.mark.slow
+def test_existing_run_folder_is_refused(run):
+    folder, _ = run
+    result = run_pipeline('--quick', '--out', folder)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f'error: {folder}: the run folder exists already; choose another --out'
+
+
+@pytest.mark.slow
+def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
+    folder = str(tmp_path / 'run')
+    result = run_pipeline('--quick', '--out', folder, '--stage1_args=--no_such_flag')
+    assert result.returncode == 2
+    log = os.path.join(folder, 'logs', 'stage1.log')
+    expected = (r"error: stage1 failed \(exit status 2\) after \d+ s; its last line: '1_train_stage1.py: error: "
+                r"unrecognized arguments: --no_such_flag'; the whole output: " + re.escape(log))
+    assert re.fullmatch(expected, result.stderr.strip()), result.stderr
+    # Nothing after stage 1 ran, and the baseline that had started beside it was stopped.
+    assert not os.path.exists(os.path.join(folder, 'pseudo_masks'))
+    assert not os.path.exists(os.path.join(folder, 'summary.json'))
+    assert not os.path.exists(os.path.join(folder, 'fully_supervised', 'test_metrics.json'))
+
+
+@pytest.mark.slow
+def test_synthetic_dataset_of_another_configuration_is_refused(run):
+    folder, _ = run
+    dataroot = os.path.join(folder, 'synthetic')
+    pipeline.check_synthetic(dataroot, QUICK)  # the one made for this configuration passes
+    with pytest.raises(InputError, match=re.escape(f'{dataroot}: holds {QUICK["train"]} train patches of '
+                                                   f'{QUICK["size"]} px, this configuration expects 2000 of 64 px')):
+        pipeline.check_synthetic(dataroot, {'size': 64, 'train': 2000, 'val': 60, 'test': 60})
+
+
+def test_summary_table_of_a_released_dataset_says_what_is_missing():
+    """No train_gt (the released datasets): no pseudo-mask scores, no fully-supervised baseline."""
+    s = {'miou': 0.5, 'fwiou': 0.25}
+    summary = {'dataroot': 'datasets/LUAD-HistoSeg', 'stage1_cam_test': s, 'pseudo_masks_train': None,
+               'stage2_test': {'no_gate': s, 'gate_multiply': s, 'gate_mask': s}, 'fully_supervised_test': None,
+               'gap_points': None, 'baseline_alongside': False,
+               'times': {'data': None, 'stage1': {'wall_s': 100.0, 'cpu_s': 98.0},
+                         'pseudo_masks': {'wall_s': 20.04, 'cpu_s': 19.96}, 'stage2': {'wall_s': 300.0, 'cpu_s': 290.0},
+                         'fully_supervised': None, 'predictions': {'wall_s': 5.0, 'cpu_s': 4.0},
+                         'total': {'wall_s': 425.0, 'cpu_s': 412.0}}}
+    lines = pipeline.summary_table(summary).splitlines()
+    assert lines[2] == '| data | dataset datasets/LUAD-HistoSeg (present) |  |  |  |  |'
+    assert lines[3] == '| stage 1 | CAM, test patches | 0.5000 | 0.2500 | 100.0 | 98.0 |'
+    assert lines[4] == '| pseudo-masks | PM_b4_5, train patches vs train_gt | n/a | n/a | 20.0 | 20.0 |'
+    assert lines[10] == '| fully supervised | same model, data and budget, train_gt; test, no gate | n/a | n/a |  |  |'
+    assert lines[-1] == '| total | all of the above |  |  | 425.0 | 412.0 |'
+    assert not any('points' in line for line in lines)
+    # With train_gt: the gap to the fully-supervised model, either way round.
+    summary.update(fully_supervised_test=s, gap_points=-1.5)
+    assert pipeline.summary_table(summary).splitlines()[-1] == (
+        'stage 2 (weakly supervised, no gate) is 1.50 MIoU points above the fully-supervised model')
+
+
+def test_default_configuration_follows_the_released_dataset(tmp_path, monkeypatch):
+    parse = lambda *a: pipeline.get_args_parser().parse_args(list(a))
+    monkeypatch.setattr(pipeline, 'ROOT', str(tmp_path))
+    assert pipeline.choose_config(parse('--dataset', 'bcss')) == 'reduced'
+    os.makedirs(tmp_path / 'datasets' / 'BCSS-WSSS')
+    assert pipeline.choose_config(parse('--dataset', 'bcss')) == 'reference'
+    assert pipeline.choose_config(parse('--dataset', 'luad')) == 'reduced'
+    assert pipeline.choose_config(parse('--dataset', 'bcss', '--quick')) == 'quick'
+    assert pipeline.default_dataroot('reduced', 'bcss', 'r') == os.path.join(str(tmp_path), 'datasets', 'SYNTH-BCSS')
+
+
+def test_contact_sheet_prefers_patches_of_several_classes_in_name_order():
+    labels = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0]], np.float32)
+    assert choose_patches(labels, 3) == [1, 3, 4]
+    assert choose_patches(labels, 5) == [1, 3, 4, 0, 2]
