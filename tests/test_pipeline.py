@@ -13,6 +13,7 @@ from PIL import Image
 from tool import pipeline
 from tool.contact_sheet import COLUMNS, GAP, MIN_TILE, TEXT_HEIGHT, choose_patches
 from tool.data import PALETTES, list_pngs
+from tool.gradcam import PAPER_LAYERS
 from tool.io import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +60,7 @@ def test_run_folder_holds_every_stage(run):
     # A pseudo-mask per training patch and layer; the run's masks are what stage 2 read (data/train_PM).
     train = list_pngs(os.path.join(folder, 'synthetic', 'train'))
     assert len(train) == QUICK['train']
-    for layer in pipeline.LAYERS:
+    for layer in PAPER_LAYERS:
         assert list_pngs(os.path.join(folder, 'pseudo_masks', f'PM_{layer}')) == train
     assert os.path.realpath(os.path.join(folder, 'data', 'train_PM')) == os.path.realpath(
         os.path.join(folder, 'pseudo_masks'))
@@ -114,7 +115,7 @@ def test_markdown_table_is_printed_and_saved(run):
     expected = {
         'CAM, test patches': summary['stage1_cam_test'],
         **{f'PM_{layer}, train patches vs train_gt': summary['pseudo_masks_train'][f'PM_{layer}']
-           for layer in pipeline.LAYERS},
+           for layer in PAPER_LAYERS},
         'test, no gate': summary['stage2_test']['no_gate'],
         'test, gate (multiply, reference)': summary['stage2_test']['gate_multiply'],
         'test, gate (mask)': summary['stage2_test']['gate_mask'],

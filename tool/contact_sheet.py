@@ -14,12 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from network.resnet38_cls import Net
 from tool.checkpoint import read_state_dict
-from tool.data import CLASS_NAMES, PALETTES, TissueDataset, read_mask
-from tool.gradcam import multi_layer_grad_cam
+from tool.data import CLASS_NAMES, PALETTES, TissueDataset, colourise, image_to_rgb, read_mask
+from tool.gradcam import PAPER_LAYERS, multi_layer_grad_cam
 from tool.io import save_png
-from tool.pseudo_mask import background_mask, pseudo_mask
+from tool.pseudo_mask import background_mask, pseudo_mask, uses_white_background
 
-LAYERS = ('b4_5', 'b5_2', 'bn7')
 COLUMNS = ('patch', 'ground truth', 'PM_b4_5', 'PM_b5_2', 'PM_bn7', 'stage 2')
 MIN_TILE = 128      # small patches are enlarged (nearest neighbour) to at least this size
 TEXT_HEIGHT = 16    # one line of the default font, with a margin
@@ -34,10 +33,6 @@ def choose_patches(labels, count):
     return order[:count]
 
 
-def colourise(mask, palette):
-    return np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[mask]
-
-
 def sheet_rows(dataroot, dataset, stage1_weights, prediction_dir, count):
     """[(patch name, [uint8 RGB tile per column])] for the chosen test patches."""
     test = TissueDataset(dataroot, 'test', dataset)
@@ -46,11 +41,10 @@ def sheet_rows(dataroot, dataset, stage1_weights, prediction_dir, count):
     rows = []
     for index in choose_patches(test.labels, count):
         item = test[index]
-        rgb = (item['image'] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        cams = multi_layer_grad_cam(model, item['image'][None], LAYERS)
-        # White glass is background in LUAD-HistoSeg; in BCSS-WSSS white fat is tissue (as 2_generate_PM.py).
-        background = background_mask(rgb) if dataset != 'bcss' else None
-        masks = [pseudo_mask(cams[layer][0].numpy(), item['label'].numpy(), background) for layer in LAYERS]
+        rgb = image_to_rgb(item['image'])
+        cams = multi_layer_grad_cam(model, item['image'][None], PAPER_LAYERS)
+        background = background_mask(rgb) if uses_white_background(dataset) else None
+        masks = [pseudo_mask(cams[layer][0].numpy(), item['label'].numpy(), background) for layer in PAPER_LAYERS]
         prediction = read_mask(os.path.join(prediction_dir, os.path.splitext(item['name'])[0] + '.png'))
         truth = item['masks'][0].numpy().astype(np.uint8)
         rows.append((item['name'], [rgb] + [colourise(m, palette) for m in (truth, *masks, prediction)]))

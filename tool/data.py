@@ -142,6 +142,17 @@ def read_mask(path):
     return mask
 
 
+def image_to_rgb(image):
+    """A dataset item's image, float (3, H, W) = RGB / 255, back to its uint8 (H, W, 3) bytes,
+    exactly (rounding undoes the float32 division)."""
+    return (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def colourise(mask, palette):
+    """uint8 (H, W, 3): each class index of `mask` in its palette colour."""
+    return np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[mask]
+
+
 def label_from_mask(mask):
     """Classes present in a pixel mask (background is not a class)."""
     return np.bincount(mask.ravel(), minlength=BACKGROUND + 1)[:N_CLASS].astype(bool).astype(np.float32)

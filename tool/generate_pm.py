@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from network.resnet38_cls import Net
 from tool.checkpoint import read_state_dict
-from tool.data import CLASS_NAMES, N_CLASS, PALETTES, TissueDataset, read_mask
-from tool.gradcam import multi_layer_grad_cam
+from tool.data import CLASS_NAMES, N_CLASS, PALETTES, TissueDataset, colourise, image_to_rgb, read_mask
+from tool.gradcam import PAPER_LAYERS, multi_layer_grad_cam
 from tool.io import InputError, save_palette_png, save_png, save_text
 from tool.metrics import ConfusionMatrix, format_table, scores_to_json
-from tool.pseudo_mask import background_mask, normalise, pseudo_mask
+from tool.pseudo_mask import background_mask, normalise, pseudo_mask, uses_white_background
 from tool.utils import (all_reduce_sum, configure_cuda_speed, data_workers, get_rank, get_world_size,
                         init_distributed_mode, is_main_process, resolve_device, seed_everything, write_run_record)
 
@@ -52,7 +52,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--batch_size', default=8, type=int,
                         help='patches per forward pass (the reference: 1); the masks depend on it only through '
                              'float32 rounding (a few pixels at near-ties)')
-    parser.add_argument('--layers', default='b4_5,b5_2,bn7',
+    parser.add_argument('--layers', default=','.join(PAPER_LAYERS),
                         help='comma-separated layers: ResNet-38 block names (b4_5, b5_2, b6, ...) or bn7')
     parser.add_argument('--out', help='output folder (default: DATAROOT/train_PM)')
     parser.add_argument('--background', default='auto', choices=('auto', 'white', 'none'),
@@ -151,10 +151,9 @@ def jet(values):
 def save_cam_picture(rgb, cams, label, mask, palette, path):
     """One strip: the patch, its pseudo-mask blended over it, each labelled class's normalised CAM."""
     blend = lambda top: ((rgb.astype(np.float32) + top) / 2).astype(np.uint8)
-    colours = np.array(palette, dtype=np.float32).reshape(-1, 3)[mask]
     normalised = normalise(cams)
     heatmaps = [blend(jet(normalised[c])) for c in np.flatnonzero(np.asarray(label) == 1)]
-    save_png(np.concatenate([rgb, blend(colours), *heatmaps], axis=1), path)
+    save_png(np.concatenate([rgb, blend(colourise(mask, palette)), *heatmaps], axis=1), path)
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ def main(args):
     seed_everything(args.seed)
     out = args.out or os.path.join(args.dataroot, 'train_PM')
     palette = PALETTES[args.dataset]
-    white_is_background = args.background == 'white' or (args.background == 'auto' and args.dataset != 'bcss')
+    white_is_background = uses_white_background(args.dataset, args.background)
     has_truth = os.path.isdir(os.path.join(args.dataroot, TRUTH_DIR))
 
     model = load_model(args, device)
@@ -211,8 +210,7 @@ def main(args):
             images = torch.stack([item['image'] for item in group]).to(device)
             cams = {layer: c.cpu().numpy() for layer, c in multi_layer_grad_cam(model, images, layers).items()}
             for i, item in enumerate(group):
-                # The dataset scaled RGB to [0, 1] in float32; * 255 and rounding gives the bytes back exactly.
-                rgb = (item['image'] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                rgb = image_to_rgb(item['image'])
                 background = background_mask(rgb) if white_is_background else None
                 label = item['label'].numpy()
                 masks = {layer: pseudo_mask(cams[layer][i], label, background) for layer in layers}

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+PAPER_LAYERS = ('b4_5', 'b5_2', 'bn7')  # the paper's three depths, shallow to deep
 
-def multi_layer_grad_cam(model, images, layers=('b4_5', 'b5_2', 'bn7')):
+
+def multi_layer_grad_cam(model, images, layers=PAPER_LAYERS):
     """{layer: (B, n_class, H, W)} Grad-CAMs of every class, resized to the input size.
 
     model: a stage-1 classifier in eval mode (network.resnet38_cls.Net: forward_layers, classify,

@@ -53,13 +53,13 @@ from PIL import Image
 
 from tool.contact_sheet import save_contact_sheet
 from tool.data import list_pngs
+from tool.gradcam import PAPER_LAYERS
 from tool.io import InputError, run_cli, save_text
 from tool.utils import write_run_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED = {'luad': 'LUAD-HistoSeg', 'bcss': 'BCSS-WSSS'}  # folder names under datasets/
 SYNTHETIC = {'luad': 'SYNTH-LUAD', 'bcss': 'SYNTH-BCSS'}
-LAYERS = ('b4_5', 'b5_2', 'bn7')
 STAGE_FLAGS = ('stage1', 'pseudo_masks', 'stage2', 'infer')  # the scripts a configuration gives flags to
 # Written every epoch so that an interrupted training can continue; the pipeline does not
 # continue stages, and they are large (two stage-2 ones: 340 MB in the reduced configuration).
@@ -286,7 +286,7 @@ def collect_summary(run, dataset, config_name, dataroot, times, has_truth, basel
     }
     if has_truth:
         layers = read_json(os.path.join(run, 'pseudo_masks', 'pseudo_mask_metrics.json'))['layers']
-        summary['pseudo_masks_train'] = {f'PM_{layer}': scores(layers[layer]) for layer in LAYERS}
+        summary['pseudo_masks_train'] = {f'PM_{layer}': scores(layers[layer]) for layer in PAPER_LAYERS}
         baseline = read_json(os.path.join(run, 'fully_supervised', 'test_metrics.json'))['modes']['no_gate']
         summary['fully_supervised_test'] = scores(baseline)
         summary['gap_points'] = round(100 * (baseline['miou'] - stage2['no_gate']['miou']), 2)
@@ -308,7 +308,7 @@ def summary_table(summary):
         timing=times['data'])
     add('stage 1', 'CAM, test patches', summary['stage1_cam_test'], times['stage1'])
     pseudo = summary['pseudo_masks_train']
-    for i, layer in enumerate(LAYERS):
+    for i, layer in enumerate(PAPER_LAYERS):
         add('pseudo-masks' if i == 0 else '', f'PM_{layer}, train patches vs train_gt',
             pseudo and pseudo[f'PM_{layer}'], times['pseudo_masks'] if i == 0 else None)
     for i, (mode, name) in enumerate(GATES):

@@ -28,6 +28,12 @@ WHITE_LEVEL = 200
 MIN_BACKGROUND_PIXELS = 50
 
 
+def uses_white_background(dataset, choice='auto'):
+    """Whether white non-tissue becomes background 4: 'auto' = yes for luad and custom, no for
+    bcss (white fat is tissue there), as the reference; 'white' or 'none' decide it outright."""
+    return choice == 'white' or (choice == 'auto' and dataset != 'bcss')
+
+
 def normalise(cams):
     """Joint min-max over all classes and pixels, in the CAMs' own precision (NaN if constant)."""
     cams = np.asarray(cams)
