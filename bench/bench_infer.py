@@ -27,7 +27,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.timing import add_common_args, alternating_rates, report
+from bench.timing import add_common_args, alternating_rates, device_name, report
 from network.deeplab import BACKBONES, DeepLab
 from network.resnet38_cls import Net
 from tool.data import read_rgb
@@ -78,9 +78,8 @@ def main(args):
     segmenter = DeepLab(args.backbone, 16, num_classes=4).to(device).eval()
     classifier = None if args.no_gate else Net(4, args.stage1_width).to(device).eval()
     patches = make_patches(args.patches, args.size, args.seed)
-    where = f'{torch.get_num_threads()} threads' if device.type == 'cpu' else torch.cuda.get_device_name(device)
     gate = 'no gate' if args.no_gate else f'gate: ResNet-38 width {args.stage1_width:g}'
-    print(f'DeepLabV3+ {args.backbone}, {gate}, {args.size} px, {len(patches)} patches, {device} ({where}), '
+    print(f'DeepLabV3+ {args.backbone}, {gate}, {args.size} px, {len(patches)} patches, {device} ({device_name(device)}), '
           f'{"ours with --amp" if args.amp else "float32"}')
 
     # Predictor converts the networks to channels_last on CUDA: the reference gets its own copies.

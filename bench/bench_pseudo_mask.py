@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.timing import device_name, synchronize
 from network.resnet38_cls import Net
 from tool.checkpoint import read_state_dict
 from tool.data import parse_label, read_rgb
@@ -51,11 +52,6 @@ def make_patches(n, size, seed):
 
 def to_input(rgb, device):
     return torch.from_numpy(rgb.transpose(0, 3, 1, 2) / np.float32(255)).to(device)
-
-
-def synchronize(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def reference_masks(model, rgb, labels, layers, device):
@@ -145,9 +141,8 @@ def main(args):
     model = make_model(args, device)
     n_class = model.fc8.weight.shape[0]
     rgb, labels = make_patches(args.patches, args.size, args.seed)
-    threads = f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''
     print(f'ResNet-38 width {model.width:g}, {args.size} px, {args.patches} patches, layers {",".join(layers)}, '
-          f'{device}{threads}, float32')
+          f'{device} ({device_name(device)}), float32')
 
     fast_masks(model, rgb[:1], labels[:1], layers, device, 1)  # warm-up: kernel selection, allocations
     fast_seconds, fast = timed(lambda: fast_masks(model, rgb, labels, layers, device, args.batch_size), device)

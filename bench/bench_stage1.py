@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bench.timing import add_common_args, alternating_rates, report
+from bench.timing import add_common_args, alternating_rates, device_name, report
 from network.resnet38_cls import Net
 from tool import stage1
 from tool.synth import write_dataset
@@ -79,9 +79,8 @@ def main(args):
         reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                       pin_memory=False, drop_last=True)
         warm_up = DataLoader(Subset(dataset, range(2 * args.batch_size)), batch_size=args.batch_size)
-        where = f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else f' ({torch.cuda.get_device_name(device)})'
         print(f'ResNet-38 width {start.width:g}, {args.size} px, {len(reference_loader) * args.batch_size} images an '
-              f'epoch, batch {args.batch_size}, {args.workers} workers requested, {device}{where}, '
+              f'epoch, batch {args.batch_size}, {args.workers} workers requested, {device} ({device_name(device)}), '
               f'{"ours with --amp" if args.amp else "float32"}')
 
         reference_model = copy.deepcopy(start).to(device)

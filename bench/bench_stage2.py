@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bench.timing import add_common_args, alternating_rates, report
+from bench.timing import add_common_args, alternating_rates, device_name, report
 from network.deeplab import BACKBONES, DeepLab
 from tool import stage2
 from tool.losses import BACKGROUND, BACKGROUND_LOGIT, IGNORE_INDEX
@@ -74,9 +74,8 @@ def main(args):
         reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                       pin_memory=False)
         warm_up = DataLoader(Subset(dataset, range(2 * args.batch_size)), batch_size=args.batch_size)
-        where = f'{torch.get_num_threads()} threads' if device.type == 'cpu' else torch.cuda.get_device_name(device)
         print(f'DeepLabV3+ {args.backbone}, {args.size} px, {len(dataset)} images an epoch, batch {args.batch_size}, '
-              f'{args.workers} workers requested, {device} ({where}), {"ours with --amp" if args.amp else "float32"}')
+              f'{args.workers} workers requested, {device} ({device_name(device)}), {"ours with --amp" if args.amp else "float32"}')
 
         reference_model = copy.deepcopy(start).to(device)
         reference_optimizer = stage2.make_optimizer(reference_model, train_args)

@@ -1,7 +1,18 @@
 """Timing and flags shared by the bench scripts that compare our path with a reference-style one."""
 import time
 
-from bench.bench_pseudo_mask import synchronize
+import torch
+
+
+def synchronize(device):
+    """Wait for the GPU's queued work, so that a timer reads what the work took."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def device_name(device):
+    """What the rates were measured on: the CPU threads or the GPU model."""
+    return f'{torch.get_num_threads()} threads' if device.type == 'cpu' else torch.cuda.get_device_name(device)
 
 
 def alternating_rates(paths, repeats, device):
