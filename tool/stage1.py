@@ -31,8 +31,8 @@ from tool.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.mxnet_params import resnet38d_state_dict
 from tool.utils import (MetricsLog, all_reduce_sum, autocast_dtype, check_finite, configure_cuda_speed,
                         data_workers, get_rank, get_world_size, init_distributed_mode, is_main_process,
-                        mean_across_ranks, poly_lr, resolve_device, rng_state, seed_everything, set_rng_state,
-                        write_run_record)
+                        mean_across_ranks, poly_lr, resolve_device, resume_file, rng_state, seed_everything,
+                        set_rng_state, write_run_record)
 
 PDA_FIRST_EPOCH = 3     # the reference enables PDA when the 0-based epoch is > 2
 CAM_THRESHOLD = 0.25    # test phase: a class is present when sigmoid(logit) > 0.25
@@ -418,7 +418,7 @@ def main(args):
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
 
-    resume_path = resume_file(args)
+    resume_path = resume_file(args.resume, os.path.join(args.save_folder, RESUME_FILE))
     start_epoch, step = 0, 0
     metrics_path = os.path.join(args.save_folder, 'metrics.jsonl')
     if resume_path:
@@ -445,11 +445,3 @@ def main(args):
         save_checkpoint(model_without_ddp.state_dict(), final)
         print(f'stage-1 weights: {final}')
     report_test(*evaluate(model_without_ddp, test_loader, device, args.seed), final, args)
-
-
-def resume_file(args):
-    """The resume file to continue from, or None to start afresh ('auto' without a file)."""
-    if args.resume == 'auto':
-        path = os.path.join(args.save_folder, RESUME_FILE)
-        return path if os.path.isfile(path) else None
-    return args.resume

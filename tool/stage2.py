@@ -297,19 +297,6 @@ def best_checkpoint_path(args):
     return os.path.join(args.savepath, f'stage2_checkpoint_trained_on_{args.dataset}.pth')
 
 
-def resume_state_path(args):
-    """The training state to continue from, or None to start afresh."""
-    default = os.path.join(args.savepath, 'stage2_resume.pth')
-    if args.resume_state is None:
-        return None
-    if args.resume_state == 'auto':
-        if os.path.isfile(default):
-            return default
-        print(f'--resume_state auto: no {default} yet, starting afresh')
-        return None
-    return args.resume_state
-
-
 def restore(path, model, optimizer, scaler):
     """Load a stage2_resume.pth into model/optimizer/scaler; returns (next epoch, best_pred)."""
     state = load_checkpoint(path)
@@ -375,7 +362,7 @@ def main(args):
         return test(model, stage1, make_eval_loader(args, 'test'), device, args, args.resume, amp_dtype)
 
     train_loader, val_loader, test_loader = make_data_loaders(args)
-    state_path = resume_state_path(args)
+    state_path = utils.resume_file(args.resume_state, os.path.join(args.savepath, 'stage2_resume.pth'))
     fresh = state_path is None  # otherwise the saved state replaces the initial weights
     # A channels_last model makes cuDNN run every convolution in that layout, whatever the input's.
     model = make_model(args, initialise=fresh).to(device, memory_format=utils.configure_cuda_speed(device))

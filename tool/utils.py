@@ -151,6 +151,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def resume_file(choice, latest):
+    """The resume file to continue from: `choice` itself, or for 'auto' the run's `latest` state
+    when there is one; None starts afresh."""
+    if choice != 'auto':
+        return choice
+    if os.path.isfile(latest):
+        return latest
+    if is_main_process():
+        print(f'resume auto: no {latest} yet, starting afresh')
+    return None
+
+
 def versions():
     import torchvision
     return {'python': platform.python_version(), 'torch': torch.__version__,
