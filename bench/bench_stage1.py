@@ -1,11 +1,13 @@
 """Stage-1 training speed: our training loop against the reference's, in images per second.
 
-    python -m bench.bench_stage1                          # CPU, reduced network, about a minute
-    python -m bench.bench_stage1 --device cuda --width 1 --size 224 --batch_size 20 --patches 400 [--amp]
+    python -m bench.bench_stage1                          # CPU, reduced network, a few minutes
+    python -m bench.bench_stage1 --device cuda --width 1 --size 224 --batch_size 16 --patches 1600 [--amp]
 
 Both paths train copies of one network (frozen conv1a..b2_2 and BatchNorm, as fine-tuning from
 ImageNet weights; PDA on, as in 17 of the 20 epochs) with the same optimiser on the same synthetic
 patches, after two warm-up steps each, alternating epoch by epoch; the best epoch of each counts.
+Both load with --workers DataLoader workers, by default the reference's 10, as on a GPU machine,
+capped to the CPU cores (as tool.stage1 does) so that a small machine slows neither path alone.
 
 - ours: tool.stage1.train_one_epoch with tool.stage1's loaders (pinned memory and non-blocking
   copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
@@ -27,13 +29,14 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from bench.timing import add_common_args, alternating_rates, device_name, report
+from bench.data import with_items, write_bench_dataset
+from bench.timing import (add_common_args, add_workers_arg, alternating_rates, device_name, report, warm_up,
+                          workers_line)
 from network.resnet38_cls import Net
 from tool import stage1
-from tool.synth import write_dataset
-from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, resolve_device
+from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, data_workers, resolve_device
 
 PDA_EPOCH = stage1.PDA_FIRST_EPOCH  # an epoch with PDA on, as most of a run is
 
@@ -69,19 +72,19 @@ def main(args):
     start = Net(4, args.width, frozen=True)
     with tempfile.TemporaryDirectory() as folder:
         root = os.path.join(folder, 'synth')
-        write_dataset(root, 'luad', args.size, {'train': args.patches, 'val': 1, 'test': 1}, args.seed)
+        write_bench_dataset(root, args.size, args.patches, args.seed)
         train_args = stage1.get_args_parser().parse_args([
             '--trainroot', os.path.join(root, 'train'), '--testroot', os.path.join(root, 'test'),
             '--dataset', 'luad', '--batch_size', str(args.batch_size), '--num_workers', str(args.workers),
             '--print_freq', str(args.print_freq), '--max_epoches', '20', *(['--amp'] if args.amp else [])])
         our_loader = stage1.make_data_loaders(train_args, device)[0]
-        dataset = our_loader.dataset
-        reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        dataset = with_items(our_loader.dataset, as_uint8=False)  # the reference's float32 items, whatever ours are
+        reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                      num_workers=data_workers(args.workers),
                                       pin_memory=False, drop_last=True)
-        warm_up = DataLoader(Subset(dataset, range(2 * args.batch_size)), batch_size=args.batch_size)
         print(f'ResNet-38 width {start.width:g}, {args.size} px, {len(reference_loader) * args.batch_size} images an '
-              f'epoch, batch {args.batch_size}, {args.workers} workers requested, {device} ({device_name(device)}), '
-              f'{"ours with --amp" if args.amp else "float32"}')
+              f'epoch, batch {args.batch_size}, {workers_line(args.workers, our_loader, reference_loader)}, {device} '
+              f'({device_name(device)}), {"ours with --amp" if args.amp else "float32"}')
 
         reference_model = copy.deepcopy(start).to(device)
         reference_optimizer = stage1.make_optimizer(reference_model, train_args, len(reference_loader))
@@ -102,8 +105,8 @@ def main(args):
                                    amp_dtype)
             return len(loader) * args.batch_size
 
-        reference(warm_up)
-        ours(warm_up)
+        reference(warm_up(dataset, args.batch_size))
+        ours(warm_up(our_loader.dataset, args.batch_size))
         rates = alternating_rates({'reference': lambda: reference(reference_loader), 'ours': lambda: ours(our_loader)},
                                   args.repeats, device)
     report(rates, 'images/s')
@@ -114,7 +117,7 @@ def parse_args(argv=None):
     add_common_args(parser, patches=32, repeats_help='epochs')
     parser.add_argument('--width', type=float, default=0.25, help='ResNet-38 width (1.0 = reference)')
     parser.add_argument('--batch_size', type=int, default=4, help='the reference: 20')
-    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (the reference: 10)')
+    add_workers_arg(parser)
     parser.add_argument('--print_freq', type=int, default=10, help='our path: read losses back every N steps')
     return parser.parse_args(argv)
 

@@ -1,12 +1,14 @@
 """Stage-2 training speed: our training loop against the reference's, in images per second.
 
-    python -m bench.bench_stage2                          # CPU, DeepLab with ResNet-18, about a minute
-    python -m bench.bench_stage2 --device cuda --backbone resnet --size 224 --batch_size 20 --patches 400 [--amp]
+    python -m bench.bench_stage2                          # CPU, DeepLab with ResNet-18, a few minutes
+    python -m bench.bench_stage2 --device cuda --backbone resnet --size 224 --batch_size 16 --patches 1600 [--amp]
 
 Both paths train copies of one DeepLabV3+ (BatchNorm training) with the same optimiser and the
 multi-layer pseudo-supervision loss on the same synthetic patches and masks (the synthetic truth
 stands in for the three pseudo-masks), alternating epoch by epoch after two warm-up steps each;
-the best epoch of each counts.
+the best epoch of each counts. Both load with --workers DataLoader workers, by default the
+reference's 10, as on a GPU machine, capped to the CPU cores (as tool.stage2 does) so that a
+small machine slows neither path alone.
 
 - ours: tool.stage2.train_one_epoch with tool.stage2's loader (pinned memory and non-blocking
   copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
@@ -21,19 +23,19 @@ On the CPU those per-step habits cost next to nothing, so the ratio is close to 
 import argparse
 import copy
 import os
-import shutil
 import tempfile
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from bench.timing import add_common_args, alternating_rates, device_name, report
+from bench.data import with_items, write_bench_dataset
+from bench.timing import (add_common_args, add_workers_arg, alternating_rates, device_name, report, warm_up,
+                          workers_line)
 from network.deeplab import BACKBONES, DeepLab
 from tool import stage2
 from tool.losses import BACKGROUND, BACKGROUND_LOGIT, IGNORE_INDEX
-from tool.synth import write_dataset
-from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, resolve_device
+from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, data_workers, resolve_device
 
 
 def reference_epoch(model, optimizer, loader, device, args, epoch):
@@ -63,19 +65,18 @@ def main(args):
     start = DeepLab(args.backbone, 16, num_classes=4)
     with tempfile.TemporaryDirectory() as folder:
         root = os.path.join(folder, 'synth')
-        write_dataset(root, 'luad', args.size, {'train': args.patches, 'val': 1, 'test': 1}, args.seed)
-        for mask_dir in stage2.PSEUDO_MASK_DIRS:
-            shutil.copytree(os.path.join(root, 'train_gt'), os.path.join(root, mask_dir))
+        write_bench_dataset(root, args.size, args.patches, args.seed)
         train_args = stage2.get_args_parser().parse_args([
             '--dataroot', root, '--dataset', 'luad', '--batch-size', str(args.batch_size), '--workers',
             str(args.workers), '--epochs', '30', '--device', str(device), *(['--amp'] if args.amp else [])])
         our_loader = stage2.make_train_loader(train_args)
-        dataset = our_loader.dataset
-        reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        dataset = with_items(our_loader.dataset, as_uint8=False)  # the reference's float32 items, whatever ours are
+        reference_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                      num_workers=data_workers(args.workers),
                                       pin_memory=False)
-        warm_up = DataLoader(Subset(dataset, range(2 * args.batch_size)), batch_size=args.batch_size)
         print(f'DeepLabV3+ {args.backbone}, {args.size} px, {len(dataset)} images an epoch, batch {args.batch_size}, '
-              f'{args.workers} workers requested, {device} ({device_name(device)}), {"ours with --amp" if args.amp else "float32"}')
+              f'{workers_line(args.workers, our_loader, reference_loader)}, {device} ({device_name(device)}), '
+              f'{"ours with --amp" if args.amp else "float32"}')
 
         reference_model = copy.deepcopy(start).to(device)
         reference_optimizer = stage2.make_optimizer(reference_model, train_args)
@@ -95,8 +96,8 @@ def main(args):
             stage2.train_one_epoch(our_model, our_optimizer, loader, device, 0, train_args, log, amp_dtype, scaler)
             return len(loader.dataset)
 
-        reference(warm_up)
-        ours(warm_up)
+        reference(warm_up(dataset, args.batch_size))
+        ours(warm_up(our_loader.dataset, args.batch_size))
         rates = alternating_rates({'reference': lambda: reference(reference_loader), 'ours': lambda: ours(our_loader)},
                                   args.repeats, device)
     report(rates, 'images/s')
@@ -107,7 +108,7 @@ def parse_args(argv=None):
     add_common_args(parser, patches=16, repeats_help='epochs')
     parser.add_argument('--backbone', default='resnet18', choices=BACKBONES, help="'resnet' = the reference's ResNet-101")
     parser.add_argument('--batch_size', type=int, default=4, help='the reference: 20')
-    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (the reference: 10)')
+    add_workers_arg(parser)
     return parser.parse_args(argv)
 
 

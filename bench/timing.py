@@ -2,6 +2,7 @@
 import time
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 
 def synchronize(device):
@@ -45,3 +46,24 @@ def add_common_args(parser, patches, repeats_help):
     parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads')
     parser.add_argument('--seed', type=int, default=0)
+
+
+def add_workers_arg(parser):
+    """--workers of the training benchmarks: by default the reference's 10, as on a GPU machine."""
+    parser.add_argument('--workers', type=int, default=10,
+                        help="DataLoader workers of both paths (default: the reference's 10, what a GPU machine "
+                             "runs), capped to the CPU cores as in training. Each epoch starts its "
+                             "workers anew, as in training: on a GPU, give an epoch enough batches (--patches "
+                             "1600 at batch 16) that their start is a small part of it. On a 2-core CPU, "
+                             "--workers 0 gives the steadiest numbers")
+
+
+def workers_line(requested, ours, reference):
+    """How many loader workers were asked for and each path's DataLoader runs."""
+    return (f'--workers {requested} (the reference\'s 10 by default), running: ours {ours.num_workers}, '
+            f'reference {reference.num_workers}')
+
+
+def warm_up(dataset, batch_size):
+    """Two batches of the dataset's first patches, for the steps before timing."""
+    return DataLoader(Subset(dataset, range(2 * batch_size)), batch_size=batch_size)
