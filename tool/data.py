@@ -14,6 +14,7 @@ sizes from the PNG headers) when the dataset is built, decoding errors when a pa
 import csv
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -158,15 +159,25 @@ def label_from_mask(mask):
     return np.bincount(mask.ravel(), minlength=BACKGROUND + 1)[:N_CLASS].astype(bool).astype(np.float32)
 
 
+SKIPPED_SHOWN = 3  # how many skipped files a note names
+
+
 def list_pngs(folder):
     """Sorted '.png' file names of a folder. Other files and hidden ones ('._x.png' from macOS
-    archives) are ignored, like the reference's glob."""
+    archives) are left out, like the reference's glob, but not silently: a note on stderr counts
+    them and names the first few (a user who saved patches as JPEG would otherwise get fewer
+    patches than they think)."""
     if not os.path.isdir(folder):
         raise InputError(f'{folder}: folder not found')
-    names = sorted(n for n in os.listdir(folder)
-                   if n.endswith('.png') and not n.startswith('.') and os.path.isfile(os.path.join(folder, n)))
+    files = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    names = [n for n in files if n.endswith('.png') and not n.startswith('.')]
+    skipped = sorted(set(files) - set(names))
+    shown = ', '.join(skipped[:SKIPPED_SHOWN]) + (', ...' if len(skipped) > SKIPPED_SHOWN else '')
     if not names:
-        raise InputError(f'{folder}: no .png files')
+        raise InputError(f'{folder}: no .png files' + (f' ({len(skipped)} other file(s): {shown}; patches and '
+                                                      f'masks must be PNG)' if skipped else ''))
+    if skipped:
+        print(f'note: {folder}: {len(skipped)} file(s) skipped, not .png patches or masks: {shown}', file=sys.stderr)
     return names
 
 
@@ -181,9 +192,13 @@ class TissueDataset(torch.utils.data.Dataset):
     augment: None, 'flip' (random horizontal and vertical flips; stage 1) or 'flip_blur'
     (horizontal flip, then with p=0.5 a Gaussian blur of radius U(0, 1) on the image only;
     stage 2). Random draws come from torch, so DataLoader worker seeding makes them repeatable.
+    as_uint8: items hold the image as uint8 (3, H, W) RGB and the masks as uint8, a quarter of the
+    float32 image's bytes and an eighth of the int64 masks' to hand from the loader workers to the
+    training process, to pin and to copy to the GPU; batch_to_device widens them there, exactly.
     """
 
-    def __init__(self, root, split, dataset, mask_dirs=None, augment=None, labels_csv=None, files=None):
+    def __init__(self, root, split, dataset, mask_dirs=None, augment=None, labels_csv=None, files=None,
+                 as_uint8=False):
         if dataset not in CLASS_NAMES:
             raise InputError(f'--dataset {dataset}: unknown (choose from {", ".join(CLASS_NAMES)})')
         if split not in ('train', 'val', 'test'):
@@ -191,6 +206,7 @@ class TissueDataset(torch.utils.data.Dataset):
         if augment not in AUGMENTATIONS:
             raise InputError(f'augment {augment!r}: unknown (choose from {AUGMENTATIONS})')
         self.root, self.split, self.dataset, self.augment = root, split, dataset, augment
+        self.as_uint8 = as_uint8
         # Train labels come from names or a CSV; val/test labels from their ground-truth masks.
         self.label_dir = None if split == 'train' else os.path.join(split, 'mask')
         if mask_dirs is None:
@@ -263,21 +279,59 @@ class TissueDataset(torch.utils.data.Dataset):
             label = label_from_mask(read_mask(os.path.join(self.root, self.label_dir, name)))
         if self.augment is not None:
             image, masks = random_augment(image, masks, self.augment)
-        item = dict(name=name, image=torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)) / np.float32(255)),
-                    label=torch.from_numpy(label.copy()))
-        if masks:
-            item['masks'] = torch.from_numpy(np.stack(masks).astype(np.int64))
-        return item
+        return make_item(name, image, label, masks, self.as_uint8)
+
+
+def make_item(name, image, label, masks, as_uint8=False):
+    """A dataset item from a uint8 (H, W, 3) image and uint8 (H, W) masks: the image as float32
+    (3, H, W) = RGB / 255 and the masks as int64 (K, H, W) class indices (what the losses take),
+    or both as uint8 with as_uint8."""
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+    item = dict(name=name, image=torch.from_numpy(chw if as_uint8 else chw / np.float32(255)),
+                label=torch.from_numpy(label.copy()))
+    if masks:
+        stacked = np.stack(masks)
+        item['masks'] = torch.from_numpy(stacked if as_uint8 else stacked.astype(np.int64))
+    return item
+
+
+def batch_to_device(batch, device):
+    """(images, masks or None) of a batch on `device` as float32 RGB / 255 and int64 class indices,
+    from float or uint8 items alike (copies from pinned memory do not block). uint8 items are
+    widened on the device, to the float items' exact values: the divisor is a tensor on the
+    device, because CUDA divides by a Python number as a multiplication by its reciprocal,
+    which is 1 ulp off for 126 of the 256 values."""
+    images = batch['image'].to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(torch.full((), 255.0, device=device))
+    masks = batch.get('masks')
+    return images, None if masks is None else masks.to(device, non_blocking=True).long()
 
 
 def random_augment(image, masks, kind):
     """Flip the image and all masks together; blur only the image (masks stay exact)."""
-    draw = torch.rand(3).tolist()
-    flips = [1] if kind == 'flip_blur' else [1, 0]  # axis 1: horizontal, axis 0: vertical
-    for axis, u in zip(flips, draw):
-        if u < 0.5:
-            image = image[:, ::-1] if axis == 1 else image[::-1]
-            masks = [m[:, ::-1] if axis == 1 else m[::-1] for m in masks]
-    if kind == 'flip_blur' and draw[1] < 0.5:
-        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius=draw[2])))
+    horizontal, vertical, radius = draw_augmentation(kind)
+    image, masks = flip(image, horizontal, vertical), [flip(m, horizontal, vertical) for m in masks]
+    if radius is not None:
+        image = blur(image, radius)
     return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in masks]
+
+
+def draw_augmentation(kind):
+    """(horizontal flip, vertical flip, blur radius or None) of one sample from three torch
+    uniforms u: 'flip' flips horizontally if u0 < 0.5 and vertically if u1 < 0.5 (stage 1);
+    'flip_blur' flips horizontally if u0 < 0.5 and blurs with radius u2 if u1 < 0.5 (stage 2)."""
+    u = torch.rand(3).tolist()
+    if kind == 'flip':
+        return u[0] < 0.5, u[1] < 0.5, None
+    return u[0] < 0.5, False, u[2] if u[1] < 0.5 else None
+
+
+def flip(array, horizontal, vertical):
+    """An (H, W, ...) array flipped left-right and/or upside down (a view)."""
+    return array[::-1 if vertical else 1, ::-1 if horizontal else 1]
+
+
+def blur(image, radius):
+    """PIL's Gaussian blur, the reference's, of a uint8 (H, W, 3) image."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius=radius)))
