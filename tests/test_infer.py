@@ -1,6 +1,7 @@
 """Inference (4_infer.py, tool/infer.py, tool/sliding_window.py, tool/image_source.py) with a tiny
 DeepLab (MobileNetV2 backbone, random weights) on small images: outputs, metrics, tiled blending
-against the whole-image computation, pyramidal TIFF through OpenSlide, memory bound, errors."""
+against the whole-image computation, a pyramid level through OpenSlide, memory bound, errors.
+Whole slides at a resolution, tissue detection and the slide outputs: tests/test_wsi.py."""
 import csv
 import json
 import os
@@ -21,9 +22,11 @@ from tool import infer
 from tool.checkpoint import read_state_dict
 from tool.data import CLASS_NAMES, PALETTES, read_mask, read_rgb
 from tool.gate import gate_classes, gated_prediction
-from tool.image_source import PixelArray, image_size, open_image, over_white
+from tool.image_source import PixelArray, image_size, open_image
 from tool.io import run_cli, save_palette_png, save_png
 from tool.metrics import ConfusionMatrix, scores_to_json
+from tool.overlay import overlay
+from tool.slide_reader import over_white
 from tool.sliding_window import blend_window, blended_rows, tile_starts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +158,7 @@ def test_strips_equal_blending_the_whole_image_in_memory(predictor):
 MEMORY_PROBE = '''
 import json, resource, sys
 import numpy as np, torch
-from tool.image_source import PixelArray, image_size, open_image, over_white
+from tool.image_source import PixelArray
 from tool.sliding_window import blended_rows
 
 def logits(rgb):  # four "classes" from the pixels: cheap, the probe measures memory, not a network
@@ -221,7 +224,7 @@ def test_folder_of_patches_writes_masks_overlays_areas_and_metrics(checkpoint, p
         # whole patches: the argmax of the model's logits, as the reference's test phase
         assert_argmax(mask, predictor(rgb[None])[0])
         assert np.array_equal(read_rgb(out / 'overlays' / f'{name}.png'),
-                              infer.overlay(PixelArray(rgb), mask, PALETTES['bcss']))
+                              overlay(PixelArray(rgb), mask, PALETTES['bcss']))
         row = areas[name]
         counts = np.bincount(mask.ravel(), minlength=4)
         assert int(row['pixels']) == mask.size
@@ -241,7 +244,7 @@ def test_overlay_is_the_references_fuse_of_mask_and_image():
     labels = np.random.default_rng(0).integers(0, 5, (50, 70)).astype(np.uint8)
     colours = np.asarray(PALETTES['luad'], np.uint8).reshape(-1, 3)[labels]
     expected = cv2.addWeighted(colours, 0.3, rgb, 0.7, 0)
-    assert np.abs(infer.overlay(PixelArray(rgb), labels, PALETTES['luad'], rows=16).astype(int) - expected).max() <= 1
+    assert np.abs(overlay(PixelArray(rgb), labels, PALETTES['luad'], rows=16).astype(int) - expected).max() <= 1
 
 
 @pytest.mark.parametrize('mode', ['multiply', 'mask'])
@@ -278,21 +281,26 @@ def test_large_png_and_flat_tiff_are_tiled_like_the_library_computes(checkpoint,
     for name in ('big', 'flat'):
         assert np.array_equal(read_mask(tmp_path / 'out' / 'masks' / f'{name}.png'), expected), name
     assert np.array_equal(read_rgb(tmp_path / 'out' / 'overlays' / 'big.png'),
-                          infer.overlay(PixelArray(rgb), expected, PALETTES['luad']))
+                          overlay(PixelArray(rgb), expected, PALETTES['luad']))
+
+
+def slide_outputs(out, name='slide'):
+    """The class indices of a slide's mask TIFF (its full-resolution page) and its overlay."""
+    folder = out / 'slides' / name
+    return tifffile.imread(folder / f'{name}-mask.tiff'), read_rgb(folder / f'{name}-overlay.png')
 
 
 @pytest.mark.parametrize('level', [0, 1])
-def test_pyramidal_tiff_through_openslide_equals_tiling_the_same_pixels(checkpoint, predictor, tmp_path, level):
+def test_a_pyramid_level_through_openslide_equals_tiling_the_same_pixels(checkpoint, predictor, tmp_path, level):
     pytest.importorskip('openslide', reason='OpenSlide is optional: pip install -r requirements-wsi.txt')
     rgb = random_image(192, 256, seed=8)
     write_pyramid(tmp_path / 'slide.tif', rgb)
-    cli(checkpoint, tmp_path / 'slide.tif', tmp_path / 'out', '--level', level)
-    mask = read_mask(tmp_path / 'out' / 'masks' / 'slide.png')
+    cli(checkpoint, tmp_path / 'slide.tif', tmp_path / 'out', '--level', level, '--no_tissue_detection')
+    mask, overlaid = slide_outputs(tmp_path / 'out')
     pixels = tifffile.TiffFile(tmp_path / 'slide.tif').series[0].levels[level].asarray()
     assert mask.shape == (192 >> level, 256 >> level) == pixels.shape[:2]
     assert np.array_equal(mask, tiled_labels(pixels, predictor))
-    assert np.array_equal(read_rgb(tmp_path / 'out' / 'overlays' / 'slide.png'),
-                          infer.overlay(PixelArray(pixels), mask, PALETTES['luad']))
+    assert np.array_equal(overlaid, overlay(PixelArray(pixels), mask, PALETTES['luad']))
 
 
 def test_a_slide_level_that_fits_in_one_tile_is_predicted_whole(checkpoint, predictor, tmp_path):
@@ -300,9 +308,9 @@ def test_a_slide_level_that_fits_in_one_tile_is_predicted_whole(checkpoint, pred
     rgb = random_image(192, 256, seed=8)
     write_pyramid(tmp_path / 'slide.tif', rgb)
     run('--checkpoint', checkpoint, '--input', tmp_path / 'slide.tif', '--out', tmp_path / 'out', '--device', 'cpu',
-        '--workers', 0, '--level', 1, '--tile', 128)
+        '--workers', 0, '--level', 1, '--tile', 128, '--no_tissue_detection')
     logits = predictor(rgb[None, ::2, ::2])[0]
-    assert np.array_equal(read_mask(tmp_path / 'out' / 'masks' / 'slide.png'), logits.argmax(0).numpy())
+    assert_argmax(slide_outputs(tmp_path / 'out')[0], logits)
 
 
 def test_large_images_lift_pils_decompression_bomb_limit_only_while_reading(tmp_path, monkeypatch):

@@ -1,13 +1,12 @@
 """Input images of any size, read as strips of RGB rows.
 
-    with open_image(path, level) as image:      # .height, .width
+    with open_image(path) as image:             # .height, .width
         rows = image.read(y, 224)               # uint8 (224, width, 3)
 
-- PNG / JPEG (PIL) and flat TIFF (tifffile) are decoded whole: these formats cannot be read by
-  region. The uint8 image is the only full-size array inference then keeps besides its outputs.
-- Whole-slide images (.svs, .ndpi, .mrxs, ... and pyramidal TIFF) go through OpenSlide at one
-  pyramid level, region by region, so a slide is never held in memory. OpenSlide is an optional
-  extra: `pip install -r requirements-wsi.txt`.
+PNG / JPEG (PIL) and flat TIFF (tifffile) are decoded whole: these formats cannot be read by
+region. The uint8 image is the only full-size array inference then keeps besides its outputs.
+Whole-slide images (.svs, .ndpi, .mrxs, ... and pyramidal TIFF, `is_slide`) are read region by
+region at any resolution by tool/slide_reader.py.
 """
 import contextlib
 import os
@@ -23,7 +22,6 @@ PLAIN_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 TIFF_EXTENSIONS = ('.tif', '.tiff')
 SLIDE_EXTENSIONS = ('.svs', '.ndpi', '.mrxs', '.scn', '.svslide', '.bif', '.vms', '.vmu')
 EXTENSIONS = PLAIN_EXTENSIONS + TIFF_EXTENSIONS + SLIDE_EXTENSIONS
-INSTALL_HINT = 'pip install -r requirements-wsi.txt'
 
 
 @contextlib.contextmanager
@@ -65,51 +63,6 @@ class PixelArray(RowSource):
         return self.pixels[y:y + rows]
 
 
-class Slide(RowSource):
-    """One pyramid level of a whole-slide image; rows are read from disk on request."""
-
-    def __init__(self, path, level):
-        openslide = import_openslide(path)
-        try:
-            self.slide = openslide.OpenSlide(path)
-        except (openslide.OpenSlideError, OSError) as e:
-            raise InputError(f'{path}: OpenSlide cannot read it ({e})') from None
-        levels = self.slide.level_count
-        if not 0 <= level < levels:
-            self.slide.close()
-            raise InputError(f'{path}: --level {level} does not exist, the slide has levels 0..{levels - 1}')
-        self.path, self.level = path, level
-        self.width, self.height = self.slide.level_dimensions[level]
-        self.downsample = self.slide.level_downsamples[level]
-
-    def read(self, y, rows):
-        rows = min(rows, self.height - y)
-        # OpenSlide takes the top-left corner in level-0 coordinates, the size in level pixels.
-        region = self.slide.read_region((0, round(y * self.downsample)), self.level, (self.width, rows))
-        return over_white(np.asarray(region))
-
-    def close(self):
-        self.slide.close()
-
-
-def over_white(rgba):
-    """RGB of an RGBA region composited over white: OpenSlide returns areas outside the scanned
-    tissue as transparent black, which would otherwise read as dark tissue."""
-    rgb, alpha = rgba[..., :3], rgba[..., 3:]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    alpha = alpha.astype(np.uint16)
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-
-
-def import_openslide(path):
-    try:
-        import openslide
-    except (ImportError, OSError):  # OSError: the Python package is there, the library is not
-        raise InputError(f'{path}: reading whole-slide images needs OpenSlide: {INSTALL_HINT}') from None
-    return openslide
-
-
 def is_slide(path):
     """Whole-slide formats, and TIFF files that hold a resolution pyramid."""
     extension = os.path.splitext(path)[1].lower()
@@ -134,11 +87,8 @@ def open_tiff(path):
     return tiff
 
 
-def image_size(path, level=0):
-    """(height, width) of the image at `level`, from the file header only."""
-    if is_slide(path):
-        with Slide(path, level) as slide:
-            return slide.height, slide.width
+def image_size(path, level=None):
+    """(height, width) of a plain image, from the file header only."""
     check_single_level(path, level)
     if path.lower().endswith(TIFF_EXTENSIONS):
         with open_tiff(path) as tiff:
@@ -149,10 +99,8 @@ def image_size(path, level=0):
     return height, width
 
 
-def open_image(path, level=0):
-    """A PixelArray (decoded now) or a Slide (read on request) of `path` at pyramid level `level`."""
-    if is_slide(path):
-        return Slide(path, level)
+def open_image(path, level=None):
+    """A PixelArray of a plain image (PNG, JPEG, flat TIFF), decoded now."""
     check_single_level(path, level)
     if path.lower().endswith(TIFF_EXTENSIONS):
         return PixelArray(read_tiff_rgb(path))
@@ -161,7 +109,7 @@ def open_image(path, level=0):
 
 
 def check_single_level(path, level):
-    if level != 0:
+    if level not in (None, 0):
         raise InputError(f'{path}: --level {level} does not exist, a plain image has only level 0 '
                          f'(pyramid levels exist in whole-slide files and pyramidal TIFF)')
 

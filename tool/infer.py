@@ -3,8 +3,8 @@ r"""Inference: segment tissue images with a trained stage-2 model, optionally ga
     python 4_infer.py --checkpoint checkpoints/stage2_checkpoint_trained_on_luad.pth \
         --input images/ --out results/ [--stage1 stage1.pth --gate mask] [--masks truth/]
 
-Writes to --out, one file at a time and atomically (a finished image is skipped on the next run
-unless --overwrite):
+Patches and large images (PNG, JPEG, flat TIFF) are written to --out, one file at a time and
+atomically (a finished image is skipped on the next run unless --overwrite):
     masks/<name>.png      palette PNG of class indices in the dataset's palette
     overlays/<name>.png   the mask's colours over the image, 0.3 colour + 0.7 image (the
                           reference's fuse_mask_and_img)
@@ -12,9 +12,13 @@ unless --overwrite):
     metrics.json          with --masks: scores against the ground-truth masks (background 4 excluded)
 
 Images that fit in one --tile are predicted whole, many to a batch, exactly as the reference's
-test phase does. Larger ones (big PNG/TIFF regions, whole-slide images at a pyramid level) are
-cut into overlapping tiles whose predictions are blended strip by strip (tool/sliding_window.py),
-so memory grows with the image width, never with its area times the classes.
+test phase does. Larger ones are cut into overlapping tiles whose predictions are blended strip by
+strip (tool/sliding_window.py), so memory grows with the image width, never with its area times
+the classes.
+
+Whole slides (.svs, .ndpi, ..., pyramidal TIFF; a folder or a CSV list of them) are segmented at
+the model's resolution, tissue only, into slides/<name>/ and one cohort.csv: tool/cohort.py and
+tool/slide_inference.py; under torchrun the slides are shared among the processes.
 """
 import argparse
 import csv
@@ -29,16 +33,19 @@ from tqdm import tqdm
 from network.deeplab import CLASSIFIER, deeplab_from_state_dict
 from network.resnet38_cls import Net as Stage1Net
 from tool.checkpoint import read_state_dict
-from tool.data import BACKGROUND, CLASS_NAMES, PALETTES, read_mask
+from tool.cohort import read_slide_list, run_cohort
+from tool.data import CLASS_NAMES, PALETTES, read_mask
 from tool.gate import GATE_MODES, GATE_THRESHOLD, gate_classes, gated_logits
-from tool.image_source import EXTENSIONS, PixelArray, image_size, large_images_allowed, open_image
+from tool.image_source import EXTENSIONS, PixelArray, image_size, is_slide, large_images_allowed, open_image
 from tool.io import InputError, save_palette_png, save_png, save_text
 from tool.metrics import ConfusionMatrix, format_table, scores_to_json
-from tool.sliding_window import blended_rows
-from tool.utils import autocast_dtype, configure_cuda_speed, data_workers, resolve_device
-
-OVERLAY_COLOUR_WEIGHT = 0.3  # the reference's cv2.addWeighted(mask, 0.3, image, 0.7, 0)
-
+from tool.overlay import overlay
+from tool.slide_outputs import label_counts
+from tool.slide_reader import MODEL_MPP
+from tool.sliding_window import argmax, blended_rows
+from tool.tissue import CLOSING_UM, MIN_AREA_UM2
+from tool.utils import (autocast_dtype, configure_cuda_speed, data_workers, init_distributed_mode, is_main_process,
+                        resolve_device, write_run_record)
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
@@ -55,8 +62,8 @@ def get_args_parser():
     parser.add_argument('--gate_threshold', type=float, default=GATE_THRESHOLD,
                         help='a class is present where the stage-1 sigmoid exceeds this')
     parser.add_argument('--input', required=True,
-                        help=f'an image or a folder of images ({" ".join(EXTENSIONS)}); output names are the '
-                             'file names without extension')
+                        help=f'an image or slide, a folder of them ({" ".join(EXTENSIONS)}), or a CSV list of '
+                             'slides (a column "path" or "slide"); output names are the file names without extension')
     parser.add_argument('--out', required=True, help='output folder')
     parser.add_argument('--dataset', default='luad', choices=sorted(PALETTES), help='class names and palette')
     parser.add_argument('--masks', help='folder of ground-truth palette masks <name>.png: writes metrics.json')
@@ -66,47 +73,81 @@ def get_args_parser():
     parser.add_argument('--tile', type=int, default=224,
                         help='images up to this size go through whole; larger ones in tiles of this size')
     parser.add_argument('--overlap', type=int, default=32, help='minimum overlap of neighbouring tiles (pixels)')
-    parser.add_argument('--level', type=int, default=0,
-                        help='pyramid level of whole-slide images and pyramidal TIFF (0 = full resolution). The '
-                             'slide is read region by region, but mask and overlay are written whole at that '
-                             "level's size (about 8 bytes a pixel in memory): choose the level to fit")
     parser.add_argument('--output_stride', type=int, default=16, choices=(8, 16),
                         help='DeepLab output stride the checkpoint was trained with (not stored in it)')
-    parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 where supported, else fp16)')
-    parser.add_argument('--overwrite', action='store_true', help='redo images whose mask and overlay exist')
+    parser.add_argument('--amp', action='store_true',
+                        help='the segmentation network in lower precision: bfloat16 on CUDA where supported (else '
+                             'float16) and on CPUs with bfloat16 instructions (AVX512-BF16 or AMX)')
+    parser.add_argument('--overwrite', action='store_true', help='redo images and slides that are finished')
     parser.add_argument('--debug', action='store_true', help='show tracebacks of input errors')
+    add_slide_args(parser.add_argument_group('whole slides'))
     return parser
+
+
+def add_slide_args(group):
+    group.add_argument('--mpp', type=float,
+                       help='um per pixel to segment at: the resolution the model was trained at (default by '
+                            f'--dataset: {", ".join(f"{k} {v:g}" for k, v in MODEL_MPP.items())}). Tiles are read '
+                            'from the nearest pyramid level at or finer than that and resampled')
+    group.add_argument('--slide_mpp', type=float,
+                       help="um per level-0 pixel of the slides, overriding their metadata (for slides without it)")
+    group.add_argument('--level', type=int,
+                       help='segment this pyramid level as it is, instead of resampling to --mpp')
+    group.add_argument('--no_tissue_detection', action='store_true',
+                       help='segment the glass too (every tile goes through the network)')
+    group.add_argument('--tissue_saturation', type=int,
+                       help="tissue where the thumbnail's saturation (0..255) exceeds this (default: Otsu's "
+                            'threshold of each slide, at least 20)')
+    group.add_argument('--tissue_closing', type=float, default=CLOSING_UM,
+                       help='radius (um) of the closing that joins ragged tissue; 0 turns it off')
+    group.add_argument('--tissue_min_area', type=float, default=MIN_AREA_UM2,
+                       help='um2: tissue specks smaller than this are dropped, holes smaller than this filled')
+    group.add_argument('--geojson_tolerance', type=float, default=4.0,
+                       help='um: GeoJSON polygons follow the mask sampled every this many um and are simplified '
+                            'to it (Douglas-Peucker)')
 
 
 def main(args):
     check_args(args)
-    class_names, palette = CLASS_NAMES[args.dataset], PALETTES[args.dataset]
+    init_distributed_mode(args)
     with large_images_allowed():
         jobs = list_inputs(args.input)
-        truth = truth_paths(args.masks, [name for name, _ in jobs]) if args.masks else None
+        slides = [(name, path) for name, path in jobs if is_slide(path)]
+        images = [job for job in jobs if job not in slides]
+        truth = truth_paths(args.masks, [name for name, _ in images]) if args.masks and images else None
         device = resolve_device(args.device)
-        predictor = load_predictor(args, device, len(class_names))
-        outputs = Outputs(args.out, palette, class_names, truth)
-        whole, tiled = [], []  # images that fit in one tile, and larger ones
-        for name, path in jobs:
-            if outputs.finished(name) and not args.overwrite:
-                outputs.record(name, read_mask(outputs.mask_path(name)))
-                continue
-            height, width = image_size(path, args.level)  # headers only
-            (whole if height <= args.tile and width <= args.tile else tiled).append((name, path, (height, width)))
-        with tqdm(total=len(whole) + len(tiled), unit='image', desc='infer') as bar:
-            segment_whole(predictor, whole, outputs, args, bar)
-            for name, path, _ in tiled:
-                with open_image(path, args.level) as image:
-                    outputs.save(name, segment_tiled(predictor, image, args, name), image)
-                bar.update()
-        outputs.write_areas()
-        print(f'{len(whole) + len(tiled)} image(s) segmented, {len(jobs) - len(whole) - len(tiled)} already '
-              f'finished (kept; --overwrite redoes them) -> {args.out}')
-        if truth:
-            row = 'stage 2' + (f' + gate ({args.gate})' if args.stage1 else '')
-            print(format_table({row: outputs.confusion.scores()}, class_names))
-            outputs.write_metrics(row)
+        predictor = load_predictor(args, device, len(CLASS_NAMES[args.dataset]))
+        if images and is_main_process():
+            segment_images(images, predictor, truth, args)
+        if slides:
+            write_run_record(args.out, args, name='slides_run_args.json')
+            run_cohort(slides, predictor, args)
+
+
+def segment_images(jobs, predictor, truth, args):
+    """Patches and large images: masks/, overlays/, areas.csv and, with --masks, metrics.json."""
+    class_names, palette = CLASS_NAMES[args.dataset], PALETTES[args.dataset]
+    outputs = Outputs(args.out, palette, class_names, truth)
+    whole, tiled = [], []  # images that fit in one tile, and larger ones
+    for name, path in jobs:
+        if outputs.finished(name) and not args.overwrite:
+            outputs.record(name, read_mask(outputs.mask_path(name)))
+            continue
+        height, width = image_size(path, args.level)  # headers only
+        (whole if height <= args.tile and width <= args.tile else tiled).append((name, path, (height, width)))
+    with tqdm(total=len(whole) + len(tiled), unit='image', desc='infer') as bar:
+        segment_whole(predictor, whole, outputs, args, bar)
+        for name, path, _ in tiled:
+            with open_image(path, args.level) as image:
+                outputs.save(name, segment_tiled(predictor, image, args, name), image)
+            bar.update()
+    outputs.write_areas()
+    print(f'{len(whole) + len(tiled)} image(s) segmented, {len(jobs) - len(whole) - len(tiled)} already '
+          f'finished (kept; --overwrite redoes them) -> {args.out}')
+    if truth:
+        row = 'stage 2' + (f' + gate ({args.gate})' if args.stage1 else '')
+        print(format_table({row: outputs.confusion.scores()}, class_names))
+        outputs.write_metrics(row)
 
 
 def check_args(args):
@@ -119,20 +160,36 @@ def check_args(args):
     if not 0 <= args.overlap < args.tile:
         raise InputError(f'--overlap {args.overlap}: must lie in 0 .. --tile - 1 ({args.tile - 1})')
     for flag, value, least in (('--batch_size', args.batch_size, 1), ('--workers', args.workers, 0),
-                               ('--level', args.level, 0)):
-        if value < least:
+                               ('--level', args.level, 0), ('--tissue_closing', args.tissue_closing, 0),
+                               ('--tissue_min_area', args.tissue_min_area, 0)):
+        if value is not None and value < least:
             raise InputError(f'{flag} {value}: must be at least {least}')
+    for flag, value in (('--mpp', args.mpp), ('--slide_mpp', args.slide_mpp),
+                        ('--geojson_tolerance', args.geojson_tolerance)):
+        if value is not None and not value > 0:
+            raise InputError(f'{flag} {value}: must be a positive number of um')
+    if args.mpp is not None and args.level is not None:
+        raise InputError('--mpp and --level: give one (--level segments a pyramid level as it is)')
+    if args.tissue_saturation is not None and not 0 <= args.tissue_saturation <= 255:
+        raise InputError(f'--tissue_saturation {args.tissue_saturation}: must lie in 0..255')
 
 
 def list_inputs(path):
-    """[(name, file)] of one image or of the supported images of a folder (sorted, hidden files
-    left out); name = file name without extension, the name of every output."""
+    """[(name, file)] of one image, of the supported images of a folder (sorted, hidden files
+    left out) or of a CSV list; name = file name without extension, the name of every output."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if f.lower().endswith(EXTENSIONS) and not f.startswith('.')
                        and os.path.isfile(os.path.join(path, f)))
         if not files:
             raise InputError(f'{path}: no images ({" ".join(EXTENSIONS)})')
+    elif os.path.isfile(path) and path.lower().endswith('.csv'):
+        files = read_slide_list(path)
+        for file in files:
+            if not os.path.isfile(file):
+                raise InputError(f'{file}: not found (listed in {path})')
+            if not file.lower().endswith(EXTENSIONS):
+                raise InputError(f'{file}: not a supported image type ({" ".join(EXTENSIONS)}), listed in {path}')
     elif os.path.isfile(path):
         if not path.lower().endswith(EXTENSIONS):
             raise InputError(f'{path}: not a supported image type ({" ".join(EXTENSIONS)})')
@@ -171,7 +228,19 @@ def load_predictor(args, device, n_class):
         if found != n_class:
             raise InputError(f'{args.stage1}: classifies {found} classes, the stage-2 checkpoint {n_class}')
     return Predictor(segmenter, device, classifier, args.gate, args.gate_threshold,
-                     autocast_dtype(args.amp, device))
+                     inference_dtype(args.amp, device))
+
+
+def inference_dtype(amp, device):
+    """The autocast dtype of the segmentation network for --amp: as training's on CUDA; on the CPU
+    bfloat16 where the CPU has instructions for it (elsewhere it is emulated, and slower)."""
+    if not (amp and device.type == 'cpu'):
+        return autocast_dtype(amp, device)
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    if is_main_process():
+        print('note: --amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); running in float32')
+    return None
 
 
 class Predictor:
@@ -249,25 +318,6 @@ def segment_tiled(predictor, image, args, name):
     return labels
 
 
-def argmax(scores, dim):
-    """uint8 numpy class indices. max().indices gives argmax's answer (the first maximum on ties)
-    but ~10x faster on the CPU, where argmax over a dimension other than the last is slow."""
-    return scores.max(dim).indices.to(torch.uint8).cpu().numpy()
-
-
-def overlay(image, labels, palette, rows=None):
-    """uint8 (H, W, 3): palette colours blended over the image, in strips of about 4 M pixels so
-    the float temporaries stay small (a slide is read again rather than kept)."""
-    rows = rows or max(1, 2 ** 22 // image.width)
-    colours = np.asarray(palette, np.float32).reshape(-1, 3)
-    blended = np.empty((image.height, image.width, 3), np.uint8)
-    for y in range(0, image.height, rows):
-        rgb = image.read(y, rows).astype(np.float32)
-        mixed = OVERLAY_COLOUR_WEIGHT * colours[labels[y:y + rows]] + (1 - OVERLAY_COLOUR_WEIGHT) * rgb
-        blended[y:y + rows] = np.clip(np.rint(mixed), 0, 255)
-    return blended
-
-
 class Outputs:
     """Writes each image's mask and overlay; keeps the class pixel counts for areas.csv and the
     confusion matrix against the ground truth for metrics.json."""
@@ -303,7 +353,7 @@ class Outputs:
             self.confusion.update(truth, labels)
 
     def count(self, name, labels):
-        self.pixel_counts[name] = np.bincount(labels.ravel(), minlength=BACKGROUND + 1)
+        self.pixel_counts[name] = label_counts(labels)
 
     def write_areas(self):
         """areas.csv over every mask in masks/, earlier runs' included, so it always describes

@@ -10,6 +10,10 @@ Memory stays O(width x tile x classes) whatever the height: tiles are taken one 
 time, and the accumulators span only the `tile` rows the current row of tiles covers. Rows above
 the next row of tiles can receive nothing more; they are finished, handed out, and dropped.
 
+Tiles can be skipped (whole slides: tiles without tissue): they are not predicted and add nothing,
+a row of tiles that is skipped entirely is not even read, and pixels that no predicted tile
+covers come out with probability 0 for every class.
+
     for y, probs in blended_rows(image, predict_logits, tile=224, overlap=32):
         labels[y:y + probs.shape[1]] = probs.argmax(0)       # probs: (C, rows, width)
 """
@@ -29,6 +33,13 @@ def tile_starts(size, tile, overlap):
     return [round(i * (size - tile) / (count - 1)) for i in range(count)]
 
 
+def tile_grid(height, width, tile, overlap):
+    """(tile height, tile width, row starts, column starts) of the tiles covering a height x width
+    image (a tile shrinks to an image smaller than it)."""
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    return tile_h, tile_w, tile_starts(height, tile_h, overlap), tile_starts(width, tile_w, overlap)
+
+
 def blend_window(height, width, overlap):
     """(height, width) float32 weights: 1 inside, a linear ramp over `overlap` pixels at every edge.
     Never 0, so a pixel that only one tile covers (the image border) keeps that tile's value."""
@@ -38,33 +49,40 @@ def blend_window(height, width, overlap):
     return ramp(height)[:, None] * ramp(width)[None, :]
 
 
-def blended_rows(image, predict_logits, tile, overlap, batch_size=16):
+def blended_rows(image, predict_logits, tile, overlap, batch_size=16, skip=None):
     """Yield (y, probs): blended class probabilities (C, rows, width) of image rows y .. y + rows,
     top to bottom, each row exactly once.
 
     image: has .height, .width and .read(y, rows) -> uint8 (rows, width, 3).
     predict_logits: uint8 (B, h, w, 3) -> logits (B, C, h, w) (any device; accumulation happens there).
+    skip: optional (y, x) -> True for a tile (top-left corner y, x) not to predict; asked once per
+    tile. The first row of tiles must predict one (it tells the classes and the device).
     Tiles of one row of tiles are batched `batch_size` at a time; the next strip of the image is
     read in a background thread while the current one is predicted (slides are read from disk)."""
-    tile_h, tile_w = min(tile, image.height), min(tile, image.width)
-    ys = tile_starts(image.height, tile_h, overlap)
-    xs = tile_starts(image.width, tile_w, overlap)
+    tile_h, tile_w, ys, xs = tile_grid(image.height, image.width, tile, overlap)
+    predicted_xs = [[x for x in xs if not (skip and skip(y, x))] for y in ys]
     summed = weights = window = None
     top = 0  # the image row that row 0 of the accumulators holds
+
+    def read(i):
+        return image.read(ys[i], tile_h) if predicted_xs[i] else None
+
     with ThreadPoolExecutor(max_workers=1) as reader:
-        next_strip = reader.submit(image.read, ys[0], tile_h)
+        next_strip = reader.submit(read, 0)
         for i, y in enumerate(ys):
             strip = next_strip.result()
             if i + 1 < len(ys):
-                next_strip = reader.submit(image.read, ys[i + 1], tile_h)
+                next_strip = reader.submit(read, i + 1)
             if y > top:  # rows top .. y are covered by no later tile: finished
+                if summed is None:
+                    raise ValueError('blended_rows: the first row of tiles predicts no tile')
                 done = y - top
-                yield top, summed[:, :done] / weights[:, :done]
+                yield top, finished(summed[:, :done], weights[:, :done])
                 shift_up(summed, done)
                 shift_up(weights, done)
                 top = y
-            for b in range(0, len(xs), batch_size):
-                batch_xs = xs[b:b + batch_size]
+            for b in range(0, len(predicted_xs[i]), batch_size):
+                batch_xs = predicted_xs[i][b:b + batch_size]
                 tiles = np.stack([strip[:, x:x + tile_w] for x in batch_xs])
                 probs = predict_logits(tiles).float().softmax(1)
                 if summed is None:
@@ -74,7 +92,15 @@ def blended_rows(image, predict_logits, tile, overlap, batch_size=16):
                 for x, p in zip(batch_xs, probs):
                     summed[:, :, x:x + tile_w] += p * window
                     weights[:, :, x:x + tile_w] += window
-    yield top, summed / weights
+    if summed is None:
+        raise ValueError('blended_rows: the first row of tiles predicts no tile')
+    yield top, finished(summed, weights)
+
+
+def finished(summed, weights):
+    """Blended probabilities: the weighted sum over the summed weights; 0 where no tile was
+    predicted (weight 0). Every real weight is far above `tiny`, so it divides as it is."""
+    return summed / weights.clamp(min=torch.finfo(weights.dtype).tiny)
 
 
 def shift_up(accumulator, rows):
@@ -83,3 +109,9 @@ def shift_up(accumulator, rows):
     kept = accumulator[:, rows:].clone()
     accumulator.zero_()
     accumulator[:, :kept.shape[1]] = kept
+
+
+def argmax(scores, dim):
+    """uint8 numpy class indices. max().indices gives argmax's answer (the first maximum on ties)
+    but ~10x faster on the CPU, where argmax over a dimension other than the last is slow."""
+    return scores.max(dim).indices.to(torch.uint8).cpu().numpy()

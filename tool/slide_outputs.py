@@ -1,0 +1,91 @@
+"""What a segmented slide is written as, besides its pyramidal TIFF mask (tool/mask_tiff.py):
+
+- regions as GeoJSON for QuPath: one feature per connected region of each class, its holes kept,
+  in level-0 pixel coordinates, with QuPath's classification (name and colour);
+- areas: mm2 and fraction of the tissue of each class, and the tumour-stroma ratio;
+- an overlay thumbnail to look at.
+
+All read the mask from its LabelRaster, row by row or on a sampled grid.
+"""
+import json
+import math
+
+import numpy as np
+
+from tool.contours import region_polygons
+from tool.data import BACKGROUND
+from tool.image_source import PixelArray
+from tool.io import save_png, save_text
+from tool.overlay import overlay
+from tool.slide_reader import SlideView
+
+# The tumour-stroma ratio (TSR) as pathology reports it: stroma area / (tumour + stroma area);
+# "stroma-high" above 50 %. The classes each dataset calls tumour and stroma:
+TUMOUR_STROMA = {'luad': ('TE', 'TAS'), 'bcss': ('TUM', 'STR'), 'custom': ('TE', 'TAS')}
+STROMA_HIGH = 0.5
+OVERLAY_SIZE = 2048  # pixels on the longer side of the overlay thumbnail (or the mask's own, if smaller)
+
+
+# ---- areas ------------------------------------------------------------------------------------
+
+def label_counts(labels):
+    """Pixels of each label 0..BACKGROUND."""
+    return np.bincount(labels.ravel(), minlength=BACKGROUND + 1)
+
+
+def area_columns(class_names):
+    return ['tissue_mm2', *[f'{c}_{what}' for c in class_names for what in ('mm2', 'fraction')],
+            'tumour_stroma_ratio', 'stroma']
+
+
+def areas(counts, mpp, class_names, dataset):
+    """{column: value} of area_columns from the pixel count of each label (background last); mm2
+    need the grid's resolution (blank without one), fractions are of the tissue (classes 0..3)."""
+    tissue = int(counts[:len(class_names)].sum())
+    mm2 = (lambda pixels: f'{pixels * mpp ** 2 / 1e6:.6f}') if mpp else (lambda pixels: '')
+    row = {'tissue_mm2': mm2(tissue)}
+    for index, name in enumerate(class_names):
+        row[f'{name}_mm2'] = mm2(int(counts[index]))
+        row[f'{name}_fraction'] = f'{counts[index] / tissue:.6f}' if tissue else ''
+    tumour, stroma = (int(counts[class_names.index(c)]) for c in TUMOUR_STROMA[dataset])
+    ratio = stroma / (tumour + stroma) if tumour + stroma else None
+    row['tumour_stroma_ratio'] = '' if ratio is None else f'{ratio:.6f}'
+    row['stroma'] = '' if ratio is None else ('high' if ratio > STROMA_HIGH else 'low')
+    return row
+
+
+# ---- GeoJSON for QuPath ---------------------------------------------------------------------------
+
+def region_features(raster, class_names, palette, tolerance, level0_per_pixel):
+    """GeoJSON features of every 4-connected region of every class. The mask is traced on its grid
+    sampled every `tolerance` pixels (whole ones) and simplified to `tolerance` (Douglas-Peucker);
+    coordinates are level-0 pixels (`level0_per_pixel` per mask pixel), two decimals."""
+    step = max(1, math.floor(tolerance))
+    height, width = math.ceil(raster.height / step), math.ceil(raster.width / step)
+    grid = raster.sampled(height, width)
+    # cell corners -> mask pixels (cells of exactly raster / grid pixels) -> level 0
+    scale = np.array([raster.width / width, raster.height / height]) * level0_per_pixel
+    colours = np.asarray(palette, int).reshape(-1, 3)
+    features = []
+    for index, name in enumerate(class_names):
+        classification = {'name': name, 'color': colours[index].tolist()}
+        for outline, holes in region_polygons(grid == index, tolerance / step):
+            rings = [np.round(ring * scale, 2).tolist() for ring in (outline, *holes)]
+            features.append({'type': 'Feature', 'geometry': {'type': 'Polygon', 'coordinates': rings},
+                             'properties': {'objectType': 'annotation', 'classification': classification}})
+    return features
+
+
+def write_geojson(path, features):
+    save_text(json.dumps({'type': 'FeatureCollection', 'features': features}, separators=(',', ':')) + '\n', path)
+
+
+# ---- overlay thumbnail ----------------------------------------------------------------------------
+
+def write_overlay_thumbnail(path, slide, downsample, raster, palette):
+    """The mask's colours over the slide (the reference's 0.3 / 0.7 blend), at most OVERLAY_SIZE
+    pixels on the longer side."""
+    thumbnail_downsample = max(downsample, max(slide.width, slide.height) / OVERLAY_SIZE)
+    view = SlideView(slide, thumbnail_downsample)
+    labels = raster.sampled(view.height, view.width)
+    save_png(overlay(PixelArray(view.read_all()), labels, palette, rows=128), path)
