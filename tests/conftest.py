@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+NEEDS_CUDA = 'needs CUDA (no GPU on this machine)'  # .ci/run accepts no other skip reason
+
 
 @pytest.fixture(autouse=True, scope='session')
 def one_thread():
@@ -11,3 +13,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where there is no GPU, all with the same reason, so that CI can tell
+    them from any other skip (which it fails)."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker('cuda'):
+            item.add_marker(pytest.mark.skip(reason=NEEDS_CUDA))

@@ -6,7 +6,7 @@ from PIL import Image
 from tool.data import (BACKGROUND, CLASS_NAMES, PALETTES, TissueDataset, parse_label, read_labels_csv,
                        read_mask, read_rgb)
 from tool.io import InputError
-from tests.compat import FIXTURES, needs_shared
+from tests.compat import FIXTURES
 
 
 def rgb(h=8, w=8, seed=0):
@@ -290,7 +290,6 @@ def test_augmentation_repeats_with_torch_seed(tmp_path):
 
 # ---- the reference's own fixture files -----------------------------------------------------------
 
-@needs_shared
 def test_reads_reference_fixture_layout():
     luad = TissueDataset(FIXTURES / 'luad', 'train', 'luad',
                          mask_dirs=['ref_train_PM/PM_bn7', 'ref_train_PM/PM_b5_2', 'ref_train_PM/PM_b4_5'])

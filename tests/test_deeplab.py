@@ -9,7 +9,7 @@ from PIL import Image
 from network.deeplab import DeepLab, deeplab_from_state_dict, init_deeplab_from_file
 from tool.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from tool.io import InputError
-from tests.compat import FIXTURES, fixture_state_dict, needs_shared, reference_keys
+from tests.compat import FIXTURES, fixture_state_dict, reference_keys
 
 REDUCED = ('resnet50', 'resnet34', 'resnet18', 'mobilenet')
 
@@ -24,7 +24,6 @@ def randomise_batchnorm(model, seed=0):
     return model
 
 
-@needs_shared
 def test_resnet101_keys_and_shapes_equal_the_reference():
     expected = reference_keys('stage2_deeplab_resnet101_os16')
     ours = {k: list(v.shape) for k, v in DeepLab('resnet', output_stride=16, num_classes=4).state_dict().items()}
@@ -32,7 +31,6 @@ def test_resnet101_keys_and_shapes_equal_the_reference():
     assert list(ours) == list(expected)  # same order too, as torch.save writes it
 
 
-@needs_shared
 def test_fixture_weights_load_strictly_and_reproduce_the_reference_prediction():
     weights = fixture_state_dict('stage2_deeplab_resnet101_os16')
     prefixed = deeplab_from_state_dict({'state_dict': {'module.' + k: v for k, v in weights.items()}})

@@ -9,7 +9,7 @@ from network.resnet38_cls import Net
 from tool.data import parse_label, read_mask, read_rgb
 from tool.gradcam import grad_cam_reference, multi_layer_grad_cam
 from tool.pseudo_mask import background_mask, pseudo_mask
-from tests.compat import FIXTURES, fixture_state_dict, needs_shared
+from tests.compat import FIXTURES, fixture_state_dict
 
 LAYERS = ('b4_5', 'b5_2', 'bn7')
 
@@ -110,7 +110,6 @@ def read_input(path):
     return rgb, torch.from_numpy(rgb.transpose(2, 0, 1) / np.float32(255))[None]
 
 
-@needs_shared
 @pytest.mark.slow
 def test_reference_weights_give_the_reference_maps_and_masks(reference_model):
     name = 'IHC-0-0-[1 0 0 1].png'
@@ -131,7 +130,6 @@ def test_reference_weights_give_the_reference_maps_and_masks(reference_model):
         assert agree >= 0.999
 
 
-@needs_shared
 @pytest.mark.slow
 def test_reference_weights_give_the_bcss_mask(reference_model):
     name = 'IHC_xmin200_ymin288+0[1101].png'

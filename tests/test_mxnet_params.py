@@ -16,7 +16,7 @@ from tool import convert_weights
 from tool.checkpoint import read_state_dict, state_dict_diff
 from tool.io import InputError
 from tool.mxnet_params import read_params, resnet38d_state_dict, torch_key
-from tests.compat import FIXTURES, needs_shared
+from tests.compat import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
 MXNET_FIXTURES = FIXTURES / 'mxnet'
@@ -63,7 +63,6 @@ def mixed_arrays():
     }
 
 
-@needs_shared
 @pytest.mark.parametrize('which', ['mini', 'legacy', 'v1'])
 def test_reads_the_fixture_files(which):
     arrays = read_params(MXNET_FIXTURES / f'resnet38_{which}.params')
@@ -74,7 +73,6 @@ def test_reads_the_fixture_files(which):
         np.testing.assert_array_equal(arrays[name], expected[name])
 
 
-@needs_shared
 def test_names_map_as_the_reference_converter_does():
     mapping = json.loads((MXNET_FIXTURES / 'resnet38_mini_names.json').read_text())['map']
     assert {name: torch_key(name) for name in mapping} == mapping

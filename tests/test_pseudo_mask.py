@@ -18,7 +18,7 @@ from tool.io import InputError, run_cli
 from tool.metrics import ConfusionMatrix
 from tool.pseudo_mask import background_mask, grayscale, normalise, pseudo_mask
 from tool.synth import write_dataset
-from tests.compat import FIXTURES, needs_shared
+from tests.compat import FIXTURES
 
 LAYERS = ('b4_5', 'b5_2', 'bn7')
 
@@ -115,7 +115,6 @@ def test_small_white_components_are_tissue_with_4_connectivity():
 
 # ---- the reference's own CAMs give the reference's PNGs ---------------------------------------
 
-@needs_shared
 @pytest.mark.parametrize('layer', LAYERS)
 def test_rule_on_reference_cams_reproduces_reference_masks(layer):
     reference = np.load(FIXTURES / 'luad' / 'ref_stage1.npz')
@@ -126,7 +125,6 @@ def test_rule_on_reference_cams_reproduces_reference_masks(layer):
         np.testing.assert_array_equal(mask, read_mask(FIXTURES / 'luad' / 'ref_train_PM' / f'PM_{layer}' / name))
 
 
-@needs_shared
 def test_rule_on_reference_cams_reproduces_the_bcss_mask():
     # the bcss fixture patch is the same crop as luad's IHC-288-200, with a bcss-style label
     name = 'IHC_xmin200_ymin288+0[1101].png'

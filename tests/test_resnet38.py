@@ -12,7 +12,7 @@ from network.pda import next_gamma, progressive_dropout_attention
 from network.resnet38_cls import FROZEN_LAYERS, Net, load_backbone
 from tool.checkpoint import read_state_dict, save_checkpoint
 from tool.io import InputError
-from tests.compat import FIXTURES, fixture_state_dict, needs_shared, reference_keys
+from tests.compat import FIXTURES, fixture_state_dict, reference_keys
 
 PATCHES = ('IHC-0-0-[1 0 0 1]', 'IHC-288-200-[1 0 1 1]')
 
@@ -45,14 +45,12 @@ def small_net(**kwargs):
     return Net(width=0.125, **kwargs)
 
 
-@needs_shared
 def test_full_width_keys_and_shapes_equal_the_reference():
     with torch.device('meta'):  # shapes only
         model = Net(n_class=4, width=1.0)
     assert shapes(model) == [(k, v) for k, v in manifest().items()]
 
 
-@needs_shared
 def test_reduced_width_keeps_names_and_scales_channels():
     with torch.device('meta'):
         model = Net(n_class=4, width=0.125)
@@ -64,7 +62,6 @@ def test_reduced_width_keeps_names_and_scales_channels():
     assert model.width == 0.125 and model.out_channels == 512
 
 
-@needs_shared
 def test_reference_weights_load_strictly_in_every_wrapping(reference_weights):
     prefixed = {'module.' + k: v for k, v in reference_weights.items()}
     for wrapped in (reference_weights, prefixed, {'state_dict': reference_weights}):
@@ -74,7 +71,6 @@ def test_reference_weights_load_strictly_in_every_wrapping(reference_weights):
         assert torch.equal(model.bn7.running_var, reference_weights['bn7.running_var'])
 
 
-@needs_shared
 @pytest.mark.slow
 def test_cams_and_logits_equal_the_reference(reference_model):
     reference = np.load(FIXTURES / 'luad' / 'ref_stage1.npz')
@@ -89,7 +85,6 @@ def test_cams_and_logits_equal_the_reference(reference_model):
             np.testing.assert_allclose(value.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-@needs_shared
 @pytest.mark.slow
 def test_layer_activations_give_the_reference_gradcam(reference_model):
     """forward_layers exposes exactly the activations the reference's Grad-CAM used."""

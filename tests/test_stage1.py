@@ -19,7 +19,7 @@ from tool.checkpoint import load_checkpoint, read_state_dict
 from tool.io import InputError, run_cli
 from tool.metrics import ConfusionMatrix
 from tool.synth import write_dataset
-from tests.compat import FIXTURES, fixture_state_dict, needs_shared, reference_keys
+from tests.compat import FIXTURES, fixture_state_dict, reference_keys
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 0.0625  # 4 channels in conv1a: the full ResNet-38 depth, fast enough for tests
@@ -279,7 +279,6 @@ def test_non_finite_loss_stops_naming_epoch_and_step(data, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-@needs_shared
 def test_full_size_test_phase_reproduces_the_reference_fixture(tmp_path):
     torch.save(fixture_state_dict('stage1_resnet38_cls'), tmp_path / 'stage1.pth')
     fixtures = FIXTURES / 'luad'
