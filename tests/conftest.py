@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-NEEDS_CUDA = 'needs CUDA (no GPU on this machine)'  # .ci/run accepts no other skip reason
+NEEDS_CUDA = 'needs CUDA (no GPU on this machine)'  # .ci/run fails skips whose reason names neither CUDA nor GPU
 
 
 @pytest.fixture(autouse=True, scope='session')
