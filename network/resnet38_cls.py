@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from network import resnet38d
-from network.pda import progressive_dropout_attention
+from network.pda import PDA_MODES, progressive_dropout_attention
 from tool.checkpoint import extract_state_dict, load_state_dict_strict, state_dict_diff
 from tool.io import InputError
 
@@ -21,12 +21,15 @@ FROZEN_LAYERS = ('conv1a', 'b2', 'b2_1', 'b2_2')
 
 
 class Net(resnet38d.Net):
-    def __init__(self, n_class=4, width=1.0, frozen=True, gamma=1.0):
+    def __init__(self, n_class=4, width=1.0, frozen=True, gamma=1.0, pda_mode='reference'):
         super().__init__(width)
         self.dropout7 = nn.Dropout2d(0.5)
         self.fc8 = nn.Conv2d(self.out_channels, n_class, 1, bias=False)
         nn.init.xavier_uniform_(self.fc8.weight)
         self.gamma = gamma  # PDA threshold, updated by the training loop with pda.next_gamma
+        if pda_mode not in PDA_MODES:
+            raise ValueError(f'pda_mode {pda_mode!r}: expected one of {PDA_MODES}')
+        self.pda_mode = pda_mode  # how the PDA map re-weights the features (network/pda.py)
         self.frozen = frozen
         if frozen:
             for name in FROZEN_LAYERS:
@@ -51,7 +54,7 @@ class Net(resnet38d.Net):
         pooling; with enable_pda the features are first re-weighted by PDA at self.gamma."""
         features = super().forward(x)
         if enable_pda:
-            features = progressive_dropout_attention(features, self.fc8.weight, self.gamma)
+            features = progressive_dropout_attention(features, self.fc8.weight, self.gamma, self.pda_mode)
         return self.classify(self.dropout7(features))
 
     def classify(self, features):
@@ -86,7 +89,7 @@ class Net(resnet38d.Net):
     @classmethod
     def from_state_dict(cls, state_dict, path='checkpoint', **kwargs):
         """A Net whose width and n_class fit `state_dict` (bare, 'module.'-prefixed or inside
-        {'state_dict': ...}), loaded strictly. kwargs: frozen, gamma."""
+        {'state_dict': ...}), loaded strictly. kwargs: frozen, gamma, pda_mode."""
         state_dict = extract_state_dict(state_dict, path)
         for key in ('conv1a.weight', 'fc8.weight'):
             if key not in state_dict:

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from network.pda import next_gamma
+from network.pda import PDA_MODES, next_gamma
 from network.resnet38_cls import Net, load_backbone
 from tool.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict, save_checkpoint
-from tool.data import CLASS_NAMES, N_CLASS, TissueDataset
+from tool.data import CLASS_NAMES, N_CLASS, TissueDataset, batch_to_device
 from tool.io import InputError, save_text
 from tool.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.mxnet_params import resnet38d_state_dict
@@ -35,6 +35,10 @@ from tool.utils import (MetricsLog, all_reduce_sum, autocast_dtype, check_finite
                         set_rng_state, write_run_record)
 
 PDA_FIRST_EPOCH = 3     # the reference enables PDA when the 0-based epoch is > 2
+# A classifier whose logits are the same for every patch of this many consecutive steps (or of a
+# whole shorter epoch) has died: with PDA's reference map at 0 no gradient reaches any weight again.
+DEAD_STEPS = 20
+FROM_SCRATCH_MOMENTUM = 0.9
 CAM_THRESHOLD = 0.25    # test phase: a class is present when sigmoid(logit) > 0.25
 RESUME_FILE = 'stage1_resume.pth'
 
@@ -72,8 +76,13 @@ def get_args_parser(add_help=True):
     parser.add_argument('--width', default=1.0, type=float,
                         help='channel width of ResNet-38 (1.0 = reference); smaller for CPU runs')
     parser.add_argument('--momentum', default=None, type=float,
-                        help='SGD momentum; default: the reference\'s effective value, which is --wt_dec '
-                             '(it passes weight decay where SGD expects momentum)')
+                        help='SGD momentum; default: with --weights from a file the reference\'s effective value, '
+                             'which is --wt_dec (it passes weight decay where SGD expects momentum), with '
+                             f'--weights none {FROM_SCRATCH_MOMENTUM} (at 5e-4 a network from scratch barely moves)')
+    parser.add_argument('--pda', default='auto', choices=('auto',) + PDA_MODES,
+                        help='how the PDA map re-weights the features (network/pda.py): reference (its scale, can '
+                             'zero the network), normalised (mean 1 per image, cannot); auto: reference with '
+                             '--weights from a file, normalised with --weights none')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--resume', help='continue training from a resume file; "auto": SAVE_FOLDER/'
                                          f'{RESUME_FILE} when it exists')
@@ -108,7 +117,8 @@ def make_data_loaders(args, device):
     if args.test_only:
         return None, test_loader
     train_root, _ = dataset_folder(args.trainroot, ('train',), '--trainroot')
-    train_set = TissueDataset(train_root, 'train', args.dataset, augment='flip')
+    # uint8 items: a quarter of the bytes through the workers' shared memory, widened on the device.
+    train_set = TissueDataset(train_root, 'train', args.dataset, augment='flip', as_uint8=True)
     # --batch_size is the global batch (the reference's, split over its GPUs by DataParallel): each
     # process takes its share, so 1 or N processes train on the same batches.
     if args.batch_size % get_world_size():
@@ -142,8 +152,8 @@ def make_model(args):
 
     Weights from a file get the reference's setting (frozen conv1a..b2_2 and BatchNorm), meant for
     ImageNet statistics; from random initialisation nothing may stay frozen."""
-    if args.weights.lower() == 'none':
-        model = Net(args.n_class, args.width, frozen=False, gamma=args.init_gama)
+    if from_scratch(args):
+        model = Net(args.n_class, args.width, frozen=False, gamma=args.init_gama, pda_mode=pda_mode(args))
         return model, 'random initialisation; every layer and BatchNorm trains'
     if not os.path.isfile(args.weights):
         raise InputError(f'{args.weights}: --weights file not found (give --weights none to train from '
@@ -159,16 +169,40 @@ def make_model(args):
         raise InputError(f'{args.weights}: holds a ResNet-38 of width {channels / 64:g}, '
                          f'but --width is {args.width:g}')
     if 'fc8.weight' in state_dict:
-        model = Net.from_state_dict(state_dict, args.weights, frozen=True, gamma=args.init_gama)
+        model = Net.from_state_dict(state_dict, args.weights, frozen=True, gamma=args.init_gama,
+                                    pda_mode=pda_mode(args))
         if model.fc8.weight.shape[0] != args.n_class:
             raise InputError(f'{args.weights}: a classifier of {model.fc8.weight.shape[0]} classes, '
                              f'but --n_class is {args.n_class}')
         how = 'fine-tuning a stage-1 checkpoint'
     else:
-        model = load_backbone(Net(args.n_class, args.width, frozen=True, gamma=args.init_gama),
-                              state_dict, args.weights)
+        model = load_backbone(Net(args.n_class, args.width, frozen=True, gamma=args.init_gama,
+                                  pda_mode=pda_mode(args)), state_dict, args.weights)
         how = 'backbone loaded, fc8 initialised'
     return model, f'{args.weights}: {how}; conv1a..b2_2 and every BatchNorm frozen (as the reference)'
+
+
+def from_scratch(args):
+    return args.weights.lower() == 'none'
+
+
+def momentum(args):
+    """--momentum, or by default the reference's effective momentum when starting from weights in a
+    file, and FROM_SCRATCH_MOMENTUM from random initialisation (--weights none)."""
+    if args.momentum is not None:
+        return args.momentum
+    # The reference's PolyOptimizer calls SGD(params, lr, weight_decay): the third positional
+    # argument of SGD is momentum, so its effective momentum is --wt_dec (5e-4, practically none).
+    # Right for fine-tuning ImageNet weights as the paper did; from scratch nothing would move.
+    return FROM_SCRATCH_MOMENTUM if from_scratch(args) else args.wt_dec
+
+
+def pda_mode(args):
+    """--pda, where auto is the reference's map from weights in a file and the normalised map from
+    random initialisation, where the reference's can zero every feature for good."""
+    if args.pda != 'auto':
+        return args.pda
+    return 'normalised' if from_scratch(args) else 'reference'
 
 
 def load_classifier(path):
@@ -183,10 +217,7 @@ def make_optimizer(model, args, iters_per_epoch):
     groups = [{'params': params, 'lr': group_lr, 'weight_decay': group_wd}
               for params, group_lr, group_wd in zip(model.parameter_groups(),
                                                     (lr, 2 * lr, 10 * lr, 20 * lr), (wd, 0, wd, 0))]
-    # The reference's PolyOptimizer calls SGD(params, lr, weight_decay): the third positional
-    # argument of SGD is momentum, so its effective momentum is --wt_dec (5e-4, practically none).
-    momentum = args.wt_dec if args.momentum is None else args.momentum
-    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=wd)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum(args), weight_decay=wd)
     max_step = iters_per_epoch * args.max_epoches
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr(1.0, step, max_step))
     return optimizer, lr_scheduler
@@ -204,9 +235,10 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, data_loader, device,
     gamma = getattr(model, 'module', model).gamma
     enable_pda = epoch >= PDA_FIRST_EPOCH
     pending, epoch_sums = [], np.zeros(4)  # sums of loss, exact match, Jaccard; number of steps
+    constant_steps = 0  # consecutive steps whose logits were the same for every patch
     bar = tqdm(data_loader, desc=f'epoch {epoch}', disable=not is_main_process(), dynamic_ncols=True)
     for i, batch in enumerate(bar):
-        images = batch['image'].to(device, non_blocking=True)
+        images, _ = batch_to_device(batch, device)
         labels = batch['label'].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images, enable_pda=enable_pda)
@@ -217,10 +249,14 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, data_loader, device,
         scaler.step(optimizer)
         scaler.update()
         lr_scheduler.step()
-        pending.append((step, lr, torch.stack([loss.detach(), *label_set_agreement(logits.detach(), labels)])))
+        pending.append((step, lr, torch.stack([loss.detach(), *label_set_agreement(logits.detach(), labels),
+                                               logit_spread(logits.detach())])))
         step += 1
         if len(pending) == args.print_freq or i + 1 == len(data_loader):
             values = log_steps(pending, epoch, gamma, enable_pda, metrics_log)
+            constant_steps = stop_if_dead(values[:, 3], constant_steps, min(DEAD_STEPS, len(data_loader)),
+                                          f'epoch {epoch} step {step - 1}', values[-1, 0], enable_pda)
+            values = values[:, :3]
             epoch_sums += [*values.sum(axis=0), len(values)]
             bar.set_postfix(loss=f'{values[-1, 0]:.4f}', exact=f'{values[-1, 1]:.2f}', lr=f'{pending[-1][1]:.2e}')
             pending = []
@@ -244,14 +280,41 @@ def label_set_agreement(logits, labels):
     return exact, jaccard
 
 
+def logit_spread(logits):
+    """The largest difference between two patches' logits of a class: 0 when the classifier answers
+    the same whatever the patch (inf for a batch of one patch, which cannot tell)."""
+    if len(logits) < 2:
+        return torch.tensor(float('inf'), device=logits.device)
+    return (logits.float() - logits[:1].float()).abs().max()
+
+
+class DeadClassifier(InputError):
+    """The classifier's logits no longer depend on the input. An InputError, so that the command
+    line stops with one clear line."""
+
+
+def stop_if_dead(spreads, constant_steps, limit, where, loss, enable_pda):
+    """Count the consecutive steps whose logits did not depend on the patch; at `limit` stop the
+    run, saying what happened and what to change. Returns the new count."""
+    for spread in spreads:
+        constant_steps = constant_steps + 1 if spread < 1e-6 else 0
+        if constant_steps >= limit:
+            cause = ('PDA\'s reference map was 0 for every patch (every CAM <= 0), which zeroes the features: '
+                     'pass --pda normalised, or lower --lr' if enable_pda else 'lower --lr')
+            raise DeadClassifier(f'{where}: the classifier has died: its logits have been the same for every '
+                                 f'patch for {constant_steps} steps (loss {loss:.4f}; ln 2 = 0.6931 when they are '
+                                 f'all 0) and no gradient can change that; training stopped. Likely cause: {cause}')
+    return constant_steps
+
+
 def log_steps(pending, epoch, gamma, enable_pda, metrics_log):
-    """Read back [(step, lr, tensor(loss, exact, jaccard))], averaged over the processes (the
-    global batch's values), stop on a non-finite loss, write one record per step; returns the
-    values as an array (steps, 3)."""
+    """Read back [(step, lr, tensor(loss, exact, jaccard, logit spread))], averaged over the
+    processes (the global batch's values), stop on a non-finite loss, write one record per step;
+    returns the values as an array (steps, 4)."""
     stacked = mean_across_ranks(torch.stack([v for _, _, v in pending]).float()).cpu()
     for (step, lr, _), row in zip(pending, stacked):
         check_finite(row[0], f'epoch {epoch} step {step}')
-        loss, exact, jaccard = row.tolist()
+        loss, exact, jaccard, _ = row.tolist()
         metrics_log.write({'epoch': epoch, 'step': step, 'loss': loss, 'exact_match': exact,
                            'jaccard': jaccard, 'lr': lr, 'gamma': gamma, 'pda': enable_pda}, step)
     return stacked.numpy().astype(np.float64)
@@ -401,7 +464,9 @@ def main(args):
 
     model, how = make_model(args)
     if is_main_process():
-        print(how)
+        print(f'{how}; SGD momentum {momentum(args):g}, PDA map {pda_mode(args)}'
+              + (' (the defaults from random initialisation; --momentum and --pda change them)'
+                 if from_scratch(args) and args.momentum is None and args.pda == 'auto' else ''))
     # A channels_last model makes cuDNN run every convolution in that layout, whatever the input's.
     model.to(device, memory_format=configure_cuda_speed(device))
     train_loader, test_loader = make_data_loaders(args, device)
