@@ -3,7 +3,8 @@
 backbone 'resnet' is the reference's ResNet-101: its state_dict keys and shapes equal the
 reference's, so released stage-2 checkpoints and `init_weights/deeplab-resnet.pth.tar` load
 strictly. 'resnet50', 'resnet34', 'resnet18' and 'mobilenet' keep the same ASPP and decoder for
-runs on the CPU. Input: RGB / 255, no mean/std; output: logits at the input size.
+runs on the CPU; `width` (ResNets) scales the channels of every layer, backbone, ASPP and decoder
+alike, for smaller ones still. Input: RGB / 255, no mean/std; output: logits at the input size.
 """
 import os
 
@@ -21,11 +22,13 @@ BACKBONES = tuple(RESNETS) + ('mobilenet',)
 CLASSIFIER = ('decoder.last_conv.8.weight', 'decoder.last_conv.8.bias')
 
 
-def build_backbone(name, output_stride, norm_layer):
+def build_backbone(name, output_stride, norm_layer, width=1.0):
     if name == 'mobilenet':
+        if width != 1:
+            raise ValueError('width: the mobilenet backbone has one width (1.0); use a ResNet backbone to shrink')
         return MobileNetV2(output_stride, norm_layer)
     if name in RESNETS:
-        return ResNet(name, output_stride, norm_layer)
+        return ResNet(name, output_stride, norm_layer, width)
     raise ValueError(f'unknown backbone {name!r}, expected one of {", ".join(BACKBONES)}')
 
 
@@ -37,12 +40,13 @@ class DeepLab(nn.Module):
     its `freeze_bn()` method, so there only the affine parameters stayed out of the optimiser.)"""
 
     def __init__(self, backbone='resnet', output_stride=16, num_classes=4, sync_bn=False, freeze_bn=False,
-                 pretrained=False):
+                 pretrained=False, width=1.0):
         super().__init__()
         norm_layer = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d
-        self.backbone = build_backbone(backbone, output_stride, norm_layer)
-        self.aspp = ASPP(self.backbone.out_channels, output_stride, norm_layer)
-        self.decoder = Decoder(num_classes, self.backbone.low_level_channels, norm_layer)
+        self.backbone = build_backbone(backbone, output_stride, norm_layer, width)
+        head = round(256 * width)
+        self.aspp = ASPP(self.backbone.out_channels, output_stride, norm_layer, head)
+        self.decoder = Decoder(num_classes, self.backbone.low_level_channels, norm_layer, head)
         if pretrained:
             load_imagenet_backbone(self.backbone, pretrained)
         self.freeze_bn = freeze_bn
@@ -98,6 +102,11 @@ def infer_backbone(state_dict, path='checkpoint'):
                      f'known: {", ".join(BACKBONES)})')
 
 
+def infer_width(state_dict):
+    """The width multiplier of a DeepLab state_dict, from its ASPP's channels (256 at width 1)."""
+    return state_dict['aspp.aspp1.atrous_conv.weight'].shape[0] / 256
+
+
 def deeplab_from_state_dict(state_dict, output_stride=16, sync_bn=False, path='checkpoint'):
     """A DeepLab whose backbone and class count fit `state_dict` (bare, or a checkpoint dict holding
     'state_dict', 'module.' prefixes allowed), loaded strictly. The output stride is not stored in
@@ -106,7 +115,7 @@ def deeplab_from_state_dict(state_dict, output_stride=16, sync_bn=False, path='c
     if CLASSIFIER[0] not in state_dict:
         raise InputError(f'{path}: not a DeepLab state_dict (no {CLASSIFIER[0]})')
     model = DeepLab(infer_backbone(state_dict, path), output_stride, num_classes=state_dict[CLASSIFIER[0]].shape[0],
-                    sync_bn=sync_bn)
+                    sync_bn=sync_bn, width=infer_width(state_dict))
     return load_state_dict_strict(model, state_dict, path)
 
 

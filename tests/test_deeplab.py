@@ -183,3 +183,20 @@ def test_sync_bn_swaps_the_normalisation_only():
     assert all(type(m) is torch.nn.SyncBatchNorm for m in synced.batchnorms())
     assert len(synced.batchnorms()) == len(plain.batchnorms())
     assert {k: v.shape for k, v in synced.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_width_shrinks_every_layer_and_is_read_from_the_checkpoint():
+    model = randomise_batchnorm(DeepLab('resnet18', 16, num_classes=4, width=0.5)).eval()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    full = {k: tuple(v.shape) for k, v in DeepLab('resnet18', 16, num_classes=4).state_dict().items()}
+    assert shapes.keys() == full.keys()  # same layout, narrower layers
+    assert shapes['backbone.conv1.weight'] == (32, 3, 7, 7) and shapes['backbone.layer4.2.conv2.weight'][0] == 256
+    assert shapes['aspp.aspp2.atrous_conv.weight'] == (128, 256, 3, 3) and shapes['aspp.conv1.weight'][:2] == (128, 640)
+    assert shapes['decoder.conv1.weight'][0] == 24 and shapes['decoder.last_conv.0.weight'][:2] == (128, 152)
+    assert shapes['decoder.last_conv.8.weight'] == (4, 128, 1, 1)
+    loaded = deeplab_from_state_dict({'state_dict': model.state_dict()}).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match='mobilenet'):
+        DeepLab('mobilenet', width=0.5)

@@ -166,6 +166,12 @@ def test_supervision_picks_the_mask_folders(data, tmp_path):
         assert stage2.supervision_weights(args) == ((0.6, 0.2, 0.2) if k == 3 else (1.0,))
 
 
+@pytest.mark.parametrize('flags', [('--width', '0'), ('--backbone', 'mobilenet', '--width', '0.5')])
+def test_width_that_no_model_has_is_an_input_error(flags, tmp_path):
+    with pytest.raises(InputError, match=f'--width {flags[-1]}: must be above 0, and 1 with --backbone mobilenet'):
+        stage2.setup(stage2.get_args_parser().parse_args(['--device', 'cpu', *flags]))
+
+
 def test_missing_pseudo_masks_exit_2_with_one_line(tmp_path, capsys):
     root = tmp_path / 'data'
     write_dataset(str(root), n_train=2, n_eval=1)

@@ -25,7 +25,7 @@ from network.deeplab import BACKBONES, DeepLab, deeplab_from_state_dict, init_de
 from network.resnet38_cls import Net as Stage1Net
 from tool import utils
 from tool.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict, save_checkpoint
-from tool.data import CLASS_NAMES, N_CLASS, TissueDataset
+from tool.data import CLASS_NAMES, N_CLASS, TissueDataset, batch_to_device
 from tool.gate import GATE_MODES, GATE_THRESHOLD, gate_classes, gated_prediction
 from tool.io import InputError, save_text
 from tool.losses import DEFAULT_WEIGHTS, pseudo_supervision_loss
@@ -78,6 +78,9 @@ def get_args_parser(add_help=True):
     parser.add_argument('--eval-interval', type=int, default=1, help='validate every N epochs (and after the last)')
     # Ours.
     parser.add_argument('--resume_stage1', default=None, help='stage-1 checkpoint for the classification gate')
+    parser.add_argument('--width', type=float, default=1.0,
+                        help='channel width of a ResNet backbone, the ASPP and the decoder (1.0 = reference); smaller '
+                             'for CPU runs (read from the checkpoint with --test_only)')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 where supported, else fp16)')
     parser.add_argument('--test_only', action='store_true',
@@ -121,7 +124,9 @@ def make_train_loader(args):
             hint = ('run 2_generate_PM.py first' if folder in PSEUDO_MASK_DIRS
                     else '--supervision gt needs the pixel masks of the train patches there')
             raise InputError(f'{os.path.join(args.dataroot, folder)}: folder not found ({hint})')
-    dataset = TissueDataset(args.dataroot, 'train', args.dataset, mask_dirs=mask_dirs, augment='flip_blur')
+    # uint8 items: a quarter of the bytes through the workers' shared memory, widened on the device.
+    dataset = TissueDataset(args.dataroot, 'train', args.dataset, mask_dirs=mask_dirs, augment='flip_blur',
+                            as_uint8=True)
     world = utils.get_world_size()
     # Every process sees a different part of each epoch; seeded by (seed, epoch) through set_epoch,
     # so the order of an epoch does not depend on what ran before it (exact resume).
@@ -155,7 +160,7 @@ def make_model(args, initialise=True):
     """DeepLab initialised from --resume (a DeepLab checkpoint; its classifier is kept only when
     it has --n_class classes) or randomly with --resume none (or initialise=False)."""
     model = DeepLab(args.backbone, args.out_stride, num_classes=args.n_class, sync_bn=args.sync_bn,
-                    freeze_bn=args.freeze_bn)
+                    freeze_bn=args.freeze_bn, width=args.width)
     if initialise and args.resume.lower() != 'none':
         init_deeplab_from_file(model, args.resume)
         print(f'initialised from {args.resume}')
@@ -219,8 +224,7 @@ def train_one_epoch(model, optimizer, loader, device, epoch, args, log, amp_dtyp
         step = epoch * len(loader) + i
         lr = learning_rate(args, step, max_step)
         set_learning_rate(optimizer, lr)
-        images = batch['image'].to(device, non_blocking=True)
-        masks = batch['masks'].to(device, non_blocking=True)
+        images, masks = batch_to_device(batch, device)
         with autocast(device, amp_dtype):
             logits = model(images)
         # DDP averages gradients over processes, but the reference divides by the whole batch
@@ -318,6 +322,8 @@ def setup(args):
         args.device = 'cpu'
     if args.n_class != N_CLASS:
         raise InputError(f'--n_class {args.n_class}: the datasets have {N_CLASS} tissue classes (+ background 4)')
+    if args.width <= 0 or (args.backbone == 'mobilenet' and args.width != 1):
+        raise InputError(f'--width {args.width:g}: must be above 0, and 1 with --backbone mobilenet')
     if args.lr_scheduler == 'step':
         raise InputError('--lr-scheduler step: needs a step size the reference never passes (its LR_Scheduler '
                          'asserts); use poly or cos')

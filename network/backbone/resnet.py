@@ -79,25 +79,27 @@ def make_layer(block, in_channels, planes, stride, dilations, norm_layer):
 
 
 class ResNet(nn.Module):
-    """forward(x) -> (layer4 features, layer1 features): the ASPP input and the decoder's low-level input."""
+    """forward(x) -> (layer4 features, layer1 features): the ASPP input and the decoder's low-level input.
+    width scales every layer's channels (1.0: the reference's; smaller for CPU runs)."""
 
-    def __init__(self, name, output_stride, norm_layer):
+    def __init__(self, name, output_stride, norm_layer, width=1.0):
         super().__init__()
         if output_stride not in LAYER_GEOMETRY:
             raise ValueError(f'output_stride must be 16 or 8, not {output_stride}')
         block, depths = RESNETS[name]
         (s1, d1), (s2, d2), (s3, d3), (s4, d4) = LAYER_GEOMETRY[output_stride]
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(64)
+        c = [round(channels * width) for channels in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(3, c[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(c[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         e = block.expansion
-        self.layer1 = make_layer(block, 64, 64, s1, [d1] * depths[0], norm_layer)
-        self.layer2 = make_layer(block, 64 * e, 128, s2, [d2] * depths[1], norm_layer)
-        self.layer3 = make_layer(block, 128 * e, 256, s3, [d3] * depths[2], norm_layer)
-        self.layer4 = make_layer(block, 256 * e, 512, s4, [g * d4 for g in MULTI_GRID], norm_layer)
-        self.low_level_channels = 64 * e
-        self.out_channels = 512 * e
+        self.layer1 = make_layer(block, c[0], c[0], s1, [d1] * depths[0], norm_layer)
+        self.layer2 = make_layer(block, c[0] * e, c[1], s2, [d2] * depths[1], norm_layer)
+        self.layer3 = make_layer(block, c[1] * e, c[2], s3, [d3] * depths[2], norm_layer)
+        self.layer4 = make_layer(block, c[2] * e, c[3], s4, [g * d4 for g in MULTI_GRID], norm_layer)
+        self.low_level_channels = c[0] * e
+        self.out_channels = c[3] * e
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # the reference draws N(0, 2 / (k*k*out_channels))
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
