@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tool.data import (BACKGROUND, CLASS_NAMES, PALETTES, TissueDataset, parse_label, read_labels_csv,
+from tool.data import (BACKGROUND, CLASS_NAMES, PALETTES, TissueDataset, list_pngs, parse_label, read_labels_csv,
                        read_mask, read_rgb)
 from tool.io import InputError
 from tests.compat import FIXTURES
@@ -304,3 +304,21 @@ def test_reads_reference_fixture_layout():
     assert TissueDataset(FIXTURES / 'bcss', 'train', 'bcss').labels.tolist() == [[1, 1, 0, 1]]
     pred = read_mask(FIXTURES / 'luad' / 'ref_pred' / 'IHC-200-100.png')  # mode L, values 0..3
     assert pred.shape == (224, 224) and pred.max() <= 3
+
+
+def test_files_that_are_not_png_are_counted_and_named(tmp_path, capsys):
+    folder = tmp_path / 'train'
+    folder.mkdir()
+    for name in ('a-[1 0 0 0].png', 'b-[0 1 0 0].png', 'c-[0 0 1 0].jpg', 'notes.txt', '.DS_Store', '._a.png',
+                 'Thumbs.db'):
+        (folder / name).write_bytes(b'x')
+    (folder / 'sub').mkdir()  # folders are not files
+    assert list_pngs(folder) == ['a-[1 0 0 0].png', 'b-[0 1 0 0].png']
+    assert capsys.readouterr().out == (f'note: {folder}: 5 file(s) skipped, not .png patches or masks: '
+                                       f'.DS_Store, ._a.png, Thumbs.db, ...\n')
+    for name in ('a-[1 0 0 0].png', 'b-[0 1 0 0].png'):
+        (folder / name).unlink()
+    with pytest.raises(InputError) as info:  # patches saved as JPEG only
+        list_pngs(folder)
+    assert str(info.value) == (f'{folder}: no .png files (5 other file(s): .DS_Store, ._a.png, Thumbs.db, ...; '
+                               f'patches and masks must be PNG)')

@@ -14,7 +14,6 @@ sizes from the PNG headers) when the dataset is built, decoding errors when a pa
 import csv
 import os
 import re
-import sys
 
 import numpy as np
 import torch
@@ -164,8 +163,8 @@ SKIPPED_SHOWN = 3  # how many skipped files a note names
 
 def list_pngs(folder):
     """Sorted '.png' file names of a folder. Other files and hidden ones ('._x.png' from macOS
-    archives) are left out, like the reference's glob, but not silently: a note on stderr counts
-    them and names the first few (a user who saved patches as JPEG would otherwise get fewer
+    archives) are left out, like the reference's glob, but not silently: a note counts them and
+    names the first few (a user who saved patches as JPEG would otherwise get fewer
     patches than they think)."""
     if not os.path.isdir(folder):
         raise InputError(f'{folder}: folder not found')
@@ -177,7 +176,7 @@ def list_pngs(folder):
         raise InputError(f'{folder}: no .png files' + (f' ({len(skipped)} other file(s): {shown}; patches and '
                                                       f'masks must be PNG)' if skipped else ''))
     if skipped:
-        print(f'note: {folder}: {len(skipped)} file(s) skipped, not .png patches or masks: {shown}', file=sys.stderr)
+        print(f'note: {folder}: {len(skipped)} file(s) skipped, not .png patches or masks: {shown}')
     return names
 
 

@@ -8,17 +8,21 @@ writes train/ (patch label in the file name, in the dataset's style), train_gt/ 
 truth of the train patches, which real datasets do not have), val/img, val/mask, test/img,
 test/mask. Masks are palette PNGs; 4 is white background (luad only).
 
-How a patch is made: a few tissue types get smooth random fields and each pixel takes the
-largest (irregular borders); types covering less than MIN_FRACTION are dropped so that the
-patch label (types present in the mask) names only visible tissue. Each type paints
-haematoxylin (H) and eosin (E) concentration maps with its own texture:
-    tumour       large pleomorphic nuclei in nests on pinkish-purple cytoplasm
-    necrosis     pale granular eosinophilic debris with small nuclear fragments
+How a patch is made. The truth first, at tissue scale: a few tissue types get smooth random
+fields with features REGION_SCALE pixels across, and each pixel takes the largest (borders that
+wander by a few cells); connected pieces smaller than MIN_PIECE of the patch are merged into what
+surrounds them, and types covering less than MIN_FRACTION are dropped, so that the patch label
+(types present in the mask) names only visible tissue. Then the image, with a border exactly
+where the truth has one: each type fills its whole region with haematoxylin (H) and eosin (E)
+concentration maps of its own texture, its nuclei clipped to the region:
+    tumour       sheets of crowded, large vesicular nuclei on purple-pink cytoplasm
+    necrosis     pale granular eosinophilic debris with clumps of small nuclear fragments
     lymphocytes  densely packed small, round, very dark nuclei
     stroma       wavy oriented pink fibres with sparse spindle-shaped nuclei
-and the concentrations become RGB through Beer-Lambert with per-patch stain vectors and
-strengths (stain variation), so tumour and lymphocytes are both purple and necrosis and stroma
-both pink: a classifier needs texture, not only mean colour.
+Pixel scales (nuclei, fibres, compartments) do not depend on the patch size, as at a fixed
+magnification. The concentrations become RGB through Beer-Lambert with per-patch stain vectors
+and strengths (stain variation), so tumour and lymphocytes are both purple and necrosis and
+stroma both pink: a classifier needs texture, not only mean colour.
 
 Every patch has its own RNG seeded by (seed, dataset, split, index): the same seed gives the
 same bytes, and a longer run extends a shorter one.
@@ -31,6 +35,7 @@ import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from tool.data import BACKGROUND, CLASS_NAMES, PALETTES, label_from_mask
 from tool.io import InputError, run_cli, save_palette_png, save_png
@@ -41,8 +46,12 @@ CLASS_INDEX = {'luad': {'tumour': 0, 'necrosis': 1, 'lymphocytes': 2, 'stroma': 
                'bcss': {'tumour': 0, 'stroma': 1, 'lymphocytes': 2, 'necrosis': 3}}
 DATASETS = ('luad', 'bcss')
 SPLITS = ('train', 'val', 'test')
-MIN_FRACTION = 0.04        # a tissue type covering less of the patch is removed from it
+MIN_FRACTION = 0.06        # a tissue type covering less of the patch is removed from it
+MIN_PIECE = 0.015          # connected pieces smaller than this share of the patch are merged away
 MAX_BACKGROUND = 0.45      # keep most of a patch tissue, as in the real crops
+REGION_SCALE = (40, 70)    # pixels across a tissue compartment (drawn per patch)
+BORDER_ROUGHNESS = 0.15    # borders wander by a few cells, never into specks
+STAIN_STRENGTH = (0.85, 1.25)  # per-patch scale of each stain's optical density
 TISSUES_PER_PATCH = (0.3, 0.4, 0.22, 0.08)  # P(1, 2, 3, 4 types drawn before pruning)
 BACKGROUND_RATE = {'luad': 0.4, 'bcss': 0.0}
 # Optical density per unit concentration (R, G, B): typical H&E stain vectors.
@@ -62,14 +71,24 @@ def upsampling_weights(size, grid):
     return low, (x - low).astype(np.float32)
 
 
-def smooth_noise(rng, size, grid):
-    """Zero-mean noise with features about size/grid pixels wide: a (grid, grid) normal sample
-    upsampled bilinearly. Element-wise, not a matrix product: no BLAS threads, whose
-    summation order could change the bytes between machines."""
+def smooth_noise(rng, size, scale):
+    """Zero-mean noise with features about `scale` pixels wide (whatever the patch size): a
+    normal sample on a grid of that spacing, upsampled bilinearly. Element-wise, not a matrix
+    product: no BLAS threads, whose summation order could change the bytes between machines."""
+    grid = max(2, int(round(size / scale)) + 1)
     low, w = upsampling_weights(size, grid)
     noise = rng.standard_normal((grid, grid), dtype=np.float32)
     rows = noise[low] * (1 - w)[:, None] + noise[low + 1] * w[:, None]
     return rows[:, low] * (1 - w) + rows[:, low + 1] * w
+
+
+def region_field(rng, size, scale):
+    """A field whose level sets are tissue compartments about `scale` pixels across: smooth
+    noise blurred (no bilinear creases), normalised, plus a little finer noise so borders are
+    irregular at the scale of a few cells."""
+    field = ndimage.gaussian_filter(smooth_noise(rng, size, scale), scale / 3, mode='nearest')
+    field /= field.std() + 1e-6
+    return field + BORDER_ROUGHNESS * smooth_noise(rng, size, 6)
 
 
 def lookup(grid, fy, fx):
@@ -111,26 +130,31 @@ class StampBank:
     def __init__(self, rng):
         self.tumour = [self.tumour_nucleus(rng) for _ in range(STAMP_VARIANTS)]
         self.lymphocyte = [nucleus_stamp(rng, r, r * rng.uniform(0.85, 1), rng.uniform(0, np.pi), 0.05, 0.08)
-                           for r in rng.uniform(2.6, 3.8, STAMP_VARIANTS)]
+                           for r in rng.uniform(2.6, 3.6, STAMP_VARIANTS)]
         self.fragment = [nucleus_stamp(rng, r, r * rng.uniform(0.5, 1), rng.uniform(0, np.pi), 0.3, 0.15)
-                         for r in rng.uniform(0.8, 2.2, STAMP_VARIANTS)]
+                         for r in rng.uniform(0.8, 2.0, STAMP_VARIANTS)]
         # Spindle nuclei follow the fibres: one set per orientation bin.
         self.spindle_angles = np.linspace(0, np.pi, 12, endpoint=False)
-        self.spindle = [[nucleus_stamp(rng, rng.uniform(6, 11), rng.uniform(1.3, 2.3), angle, 0.08, 0.1)
+        self.spindle = [[nucleus_stamp(rng, rng.uniform(6, 10), rng.uniform(1.3, 2.1), angle, 0.08, 0.1)
                          for _ in range(STAMP_VARIANTS // 4)] for angle in self.spindle_angles]
 
     @staticmethod
     def tumour_nucleus(rng):
         """Vesicular: a darker rim (chromatin on the membrane), paler centre, often a nucleolus."""
-        a = rng.uniform(5, 9)
+        a = rng.uniform(4.5, 7.5)
         stamp = nucleus_stamp(rng, a, a * rng.uniform(0.65, 1), rng.uniform(0, np.pi), 0.12, 0.25)
         r = stamp.shape[0] // 2
         y, x = np.mgrid[-r:r + 1, -r:r + 1]
-        stamp *= 0.75 + 0.25 * np.clip(np.hypot(x, y) / a, 0, 1)
-        if rng.random() < 0.6:
+        stamp *= 0.6 + 0.4 * np.clip(np.hypot(x, y) / a, 0, 1)
+        if rng.random() < 0.7:
             cy, cx = rng.uniform(-a / 3, a / 3, 2)
-            stamp += 0.5 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 1.2 ** 2)) * (stamp > 0.3)
+            stamp += 0.6 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 1.2 ** 2)) * (stamp > 0.3)
         return stamp
+
+
+def nuclei_layer(size):
+    """An empty H layer for one tissue's nuclei, padded so a stamp never needs clipping."""
+    return np.zeros((size + 2 * MARGIN, size + 2 * MARGIN), np.float32)
 
 
 def place(layer, stamps, ys, xs, strengths):
@@ -149,67 +173,77 @@ def sample_points(rng, where, density, size):
     return ys[keep], xs[keep]
 
 
-# ---- tissue textures: (H, E) concentration maps and nuclei for one tissue type ------------------
-
-def paint_tumour(rng, bank, size, region, nuclei):
-    nests = smooth_noise(rng, size, 10)
-    h = 0.28 + 0.06 * smooth_noise(rng, size, 16) + 0.1 * (nests > 0)
-    e = 0.38 + 0.08 * smooth_noise(rng, size, 16) - 0.12 * (nests < -0.3)
-    ys, xs = sample_points(rng, region & (nests > -0.1), 1 / 90, size)
-    place(nuclei, [bank.tumour[k] for k in rng.integers(0, STAMP_VARIANTS, len(ys))], ys, xs,
-          rng.uniform(0.9, 1.4, len(ys)))
-    return h, e
-
-
-def paint_necrosis(rng, bank, size, region, nuclei):
-    # Granular debris (~3 px grains) under a blotchy basophilic haze of dissolved chromatin.
-    granules = smooth_noise(rng, size, size // 3)
-    haze = np.clip(smooth_noise(rng, size, 8), 0, None)
-    h = 0.08 + 0.06 * np.abs(granules) + 0.15 * haze
-    e = 0.5 + 0.1 * smooth_noise(rng, size, 14) + 0.15 * granules
-    # Karyorrhexis: each dead nucleus breaks into a small clump of dark fragments.
-    cy, cx = sample_points(rng, region, 1 / 400, size)
-    count = rng.integers(3, 8, len(cy))
-    ys = np.clip(np.repeat(cy, count) + rng.integers(-5, 6, count.sum()), 0, size - 1)
-    xs = np.clip(np.repeat(cx, count) + rng.integers(-5, 6, count.sum()), 0, size - 1)
-    place(nuclei, [bank.fragment[k] for k in rng.integers(0, STAMP_VARIANTS, len(ys))], ys, xs,
-          rng.uniform(0.8, 1.4, len(ys)))
-    return h, e
-
-
-def paint_lymphocytes(rng, bank, size, region, nuclei):
-    h = 0.26 + 0.05 * smooth_noise(rng, size, 20)
-    e = 0.3 + 0.05 * smooth_noise(rng, size, 20)
-    # Packed like a jittered grid: dense but rarely overlapping.
-    spacing = rng.uniform(7.5, 9)
+def packed_points(rng, where, spacing, jitter, keep_rate, size):
+    """Cells packed like a jittered grid of `spacing` pixels: dense but rarely overlapping."""
     centres = np.arange(spacing / 2, size, spacing)
     ys, xs = np.meshgrid(centres, centres, indexing='ij')
-    ys = np.clip(np.round(ys.ravel() + rng.uniform(-2.5, 2.5, ys.size)), 0, size - 1).astype(int)
-    xs = np.clip(np.round(xs.ravel() + rng.uniform(-2.5, 2.5, xs.size)), 0, size - 1).astype(int)
-    keep = region[ys, xs] & (rng.random(ys.size) < 0.88)
-    ys, xs = ys[keep], xs[keep]
+    ys = np.clip(np.round(ys.ravel() + rng.uniform(-jitter, jitter, ys.size)), 0, size - 1).astype(int)
+    xs = np.clip(np.round(xs.ravel() + rng.uniform(-jitter, jitter, xs.size)), 0, size - 1).astype(int)
+    keep = where[ys, xs] & (rng.random(ys.size) < keep_rate)
+    return ys[keep], xs[keep]
+
+
+# ---- tissue textures: (H, E) concentration maps and a nuclei layer for one tissue type ----------
+# Every painter fills its whole region with its own pattern (no empty stretches that would look
+# like another tissue), at pixel scales that do not depend on the patch size.
+
+def paint_tumour(rng, bank, size, region):
+    """Sheets of large vesicular nuclei, crowded, on purple-pink cytoplasm."""
+    h = 0.22 + 0.04 * smooth_noise(rng, size, 12)
+    e = 0.42 + 0.06 * smooth_noise(rng, size, 12)
+    nuclei = nuclei_layer(size)
+    ys, xs = packed_points(rng, region, rng.uniform(12, 14.5), 3.5, 0.9, size)
+    place(nuclei, [bank.tumour[k] for k in rng.integers(0, STAMP_VARIANTS, len(ys))], ys, xs,
+          rng.uniform(0.8, 1.2, len(ys)))
+    return h, e, nuclei
+
+
+def paint_necrosis(rng, bank, size, region):
+    """Granular pale-pink debris (~3 px grains) with clumps of small dark nuclear fragments."""
+    granules = smooth_noise(rng, size, 3)
+    h = 0.1 + 0.05 * np.abs(granules) + 0.04 * smooth_noise(rng, size, 10)
+    e = 0.5 + 0.06 * smooth_noise(rng, size, 14) + 0.1 * granules
+    # Karyorrhexis: each dead nucleus breaks into a small clump of dark fragments.
+    cy, cx = sample_points(rng, region, 1 / 220, size)
+    count = rng.integers(3, 7, len(cy))
+    ys = np.clip(np.repeat(cy, count) + rng.integers(-4, 5, count.sum()), 0, size - 1)
+    xs = np.clip(np.repeat(cx, count) + rng.integers(-4, 5, count.sum()), 0, size - 1)
+    nuclei = nuclei_layer(size)
+    place(nuclei, [bank.fragment[k] for k in rng.integers(0, STAMP_VARIANTS, len(ys))], ys, xs,
+          rng.uniform(0.8, 1.3, len(ys)))
+    return h, e, nuclei
+
+
+def paint_lymphocytes(rng, bank, size, region):
+    """Densely packed small, round, very dark nuclei with little cytoplasm."""
+    h = 0.26 + 0.05 * smooth_noise(rng, size, 6)
+    e = 0.3 + 0.05 * smooth_noise(rng, size, 6)
+    ys, xs = packed_points(rng, region, rng.uniform(7, 8.5), 2.5, 0.9, size)
+    nuclei = nuclei_layer(size)
     place(nuclei, [bank.lymphocyte[k] for k in rng.integers(0, STAMP_VARIANTS, len(ys))], ys, xs,
           rng.uniform(2.0, 2.6, len(ys)))
-    return h, e
+    return h, e, nuclei
 
 
-def paint_stroma(rng, bank, size, region, nuclei):
+def paint_stroma(rng, bank, size, region):
+    """Wavy parallel pink collagen fibres with sparse spindle nuclei along them."""
     angle = rng.uniform(0, np.pi)
     yy, xx = pixel_grid(size)
     # Fibres: noise stretched ~30 px along `angle` and ~3.5 px across it gives broken parallel
     # streaks; a smooth displacement across the fibres makes them wavy.
     along = xx * np.cos(angle) + yy * np.sin(angle)
-    across = -xx * np.sin(angle) + yy * np.cos(angle) + 5 * smooth_noise(rng, size, 4)
+    across = -xx * np.sin(angle) + yy * np.cos(angle) + 5 * smooth_noise(rng, size, 50)
     streaks = lookup(rng.standard_normal((24, 256), dtype=np.float32), along / 30, across / 3.5)
     fibres = np.clip(0.45 + 0.55 * streaks, 0, 1)
     h = 0.05 + 0.03 * fibres
-    e = 0.4 + 0.5 * fibres
-    ys, xs = sample_points(rng, region, 1 / 600, size)
+    e = 0.55 + 0.45 * fibres
+    ys, xs = sample_points(rng, region, 1 / 500, size)
     turn = np.abs(bank.spindle_angles[:, None] - (angle + rng.normal(0, 0.15, len(ys))) % np.pi)
     bins = np.argmin(np.minimum(turn, np.pi - turn), axis=0)
+    nuclei = nuclei_layer(size)
     place(nuclei, [bank.spindle[b][k] for b, k in zip(bins, rng.integers(0, STAMP_VARIANTS // 4, len(ys)))],
           ys, xs, rng.uniform(1.2, 1.7, len(ys)))
-    return h, e
+    return h, e, nuclei
 
 
 PAINTERS = {'tumour': paint_tumour, 'necrosis': paint_necrosis, 'lymphocytes': paint_lymphocytes,
@@ -219,17 +253,18 @@ PAINTERS = {'tumour': paint_tumour, 'necrosis': paint_necrosis, 'lymphocytes': p
 # ---- one patch ---------------------------------------------------------------------------------
 
 def draw_regions(rng, size, dataset):
-    """Mask (size, size) uint8 of class indices (4 = background), every present class covering
-    at least MIN_FRACTION, at least one tissue class, background at most MAX_BACKGROUND."""
+    """Mask (size, size) uint8 of class indices (4 = background): compartments at tissue scale,
+    no piece smaller than MIN_PIECE of the patch, every present class covering at least
+    MIN_FRACTION, at least one tissue class, background at most MAX_BACKGROUND."""
     fields = {}
+    scale = rng.uniform(*REGION_SCALE)
     k = rng.choice(len(TISSUES_PER_PATCH), p=TISSUES_PER_PATCH) + 1
     for tissue in rng.choice(TISSUES, k, replace=False):
-        fields[CLASS_INDEX[dataset][tissue]] = (smooth_noise(rng, size, rng.integers(3, 7))
-                                                + 0.3 * smooth_noise(rng, size, 24) + rng.uniform(-0.3, 0.3))
+        fields[CLASS_INDEX[dataset][tissue]] = region_field(rng, size, scale) + rng.uniform(-0.5, 0.5)
     if rng.random() < BACKGROUND_RATE[dataset]:
-        fields[BACKGROUND] = smooth_noise(rng, size, rng.integers(3, 6)) + 0.3 * smooth_noise(rng, size, 24) - 0.4
+        fields[BACKGROUND] = region_field(rng, size, scale) - 0.6
     while True:
-        mask = largest_field(fields)
+        mask = merge_small_pieces(largest_field(fields), int(MIN_PIECE * size * size))
         fraction = np.bincount(mask.ravel(), minlength=BACKGROUND + 1) / mask.size
         if fraction[BACKGROUND] > MAX_BACKGROUND:
             fields[BACKGROUND] -= 0.2
@@ -255,6 +290,22 @@ def largest_field(fields):
     return mask
 
 
+def merge_small_pieces(mask, min_pixels):
+    """Give every connected piece smaller than `min_pixels` (4-connectivity) to the class that
+    surrounds it most, smallest piece first: real compartments are not specks."""
+    while True:
+        pieces = []
+        for c in np.unique(mask):
+            labels, n = ndimage.label(mask == c)
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)
+            pieces += [(sizes[i], c, labels == i) for i in range(1, n + 1) if sizes[i] < min_pixels]
+        if not pieces or len(np.unique(mask)) == 1:
+            return mask
+        _, c, piece = min(pieces, key=lambda p: p[0])
+        ring = ndimage.binary_dilation(piece) & ~piece
+        mask[piece] = np.bincount(mask[ring], minlength=BACKGROUND + 1).argmax()
+
+
 def blur3(x):
     """[1 2 1]/4 in both directions, edges repeated: the optics' slight softness."""
     p = np.pad(x, 1, mode='edge')
@@ -266,8 +317,8 @@ def render(rng, h, e):
     """Beer-Lambert: RGB = 255 exp(-(h * H_stain + e * E_stain)), with this patch's stains."""
     stains = [s + rng.normal(0, 0.05, 3) for s in (STAIN_H, STAIN_E)]
     stain_h, stain_e = [(s / np.linalg.norm(s)).astype(np.float32) for s in stains]
-    od = (rng.uniform(0.75, 1.3) * blur3(h)[:, :, None] * stain_h
-          + rng.uniform(0.7, 1.35) * blur3(e)[:, :, None] * stain_e + np.float32(0.02))
+    od = (rng.uniform(*STAIN_STRENGTH) * blur3(h)[:, :, None] * stain_h
+          + rng.uniform(*STAIN_STRENGTH) * blur3(e)[:, :, None] * stain_e + np.float32(0.02))
     rgb = 255 * np.exp(-od) + rng.uniform(-4, 4, od.shape).astype(np.float32)  # sensor noise
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
@@ -277,16 +328,16 @@ def make_patch(rng, bank, size, dataset):
     mask = draw_regions(rng, size, dataset)
     h = np.zeros((size, size), np.float32)
     e = np.zeros((size, size), np.float32)
-    nuclei = np.zeros((size + 2 * MARGIN, size + 2 * MARGIN), np.float32)
     for tissue in TISSUES:
         region = mask == CLASS_INDEX[dataset][tissue]
         if region.any():
-            tissue_h, tissue_e = PAINTERS[tissue](rng, bank, size, region, nuclei)
-            h[region], e[region] = tissue_h[region], tissue_e[region]
-    # Glass: nearly no stain. Nuclei stop at the tissue edge.
+            tissue_h, tissue_e, nuclei = PAINTERS[tissue](rng, bank, size, region)
+            # Nuclei stop at their compartment's border, as the truth does.
+            h[region] = np.maximum(tissue_h, nuclei[MARGIN:-MARGIN, MARGIN:-MARGIN])[region]
+            e[region] = tissue_e[region]
+    # Glass: nearly no stain.
     glass = mask == BACKGROUND
     h[glass], e[glass] = 0.01, 0.03 + 0.01 * rng.random(glass.sum(), dtype=np.float32)
-    h = np.maximum(h, np.where(glass, 0, nuclei[MARGIN:-MARGIN, MARGIN:-MARGIN]))
     return render(rng, h, e), mask
 
 
