@@ -18,7 +18,9 @@ from tool.io import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = pipeline.CONFIGS['quick']['synthetic']
-STAGES = ('data', 'stage1', 'pseudo_masks', 'stage2', 'fully_supervised', 'predictions')
+STAGES = ('data', 'stage1', 'pseudo_masks', 'stage2', 'ablation_bn7', 'fully_supervised', 'predictions')
+LOGS = ('data', 'stage1', 'pseudo_masks', 'stage2', 'ablation_bn7', 'fully_supervised', 'test_predictions',
+        'train_predictions')
 
 
 def run_pipeline(*args):
@@ -45,8 +47,9 @@ def test_run_folder_holds_every_stage(run):
     for name in ('run_args.json', 'summary.json', 'summary.md', 'contact_sheet.png',
                  'stage1/stage1_checkpoint_trained_on_luad.pth', 'stage1/stage1_test_metrics.json',
                  'pseudo_masks/pseudo_mask_metrics.json', 'stage2/stage2_checkpoint_trained_on_luad.pth',
-                 'stage2/test_metrics.json', 'fully_supervised/test_metrics.json', 'test_predictions/metrics.json',
-                 *[f'logs/{stage}.log' for stage in STAGES]):
+                 'stage2/test_metrics.json', 'fully_supervised/test_metrics.json', 'ablation_bn7/test_metrics.json',
+                 'test_predictions/metrics.json', 'train_predictions/metrics.json',
+                 *[f'logs/{stage}.log' for stage in LOGS]):
         assert os.path.isfile(os.path.join(folder, name)), name
     for name in pipeline.RESUME_FILES:  # only needed to continue an interrupted training
         assert not os.path.exists(os.path.join(folder, name)), name
@@ -68,6 +71,11 @@ def test_run_folder_holds_every_stage(run):
     # The baseline trained on the pixel truth, the weakly supervised model on the pseudo-masks.
     assert read_json(folder, 'fully_supervised', 'stage2_run_args.json')['args']['supervision'] == 'gt'
     assert read_json(folder, 'stage2', 'stage2_run_args.json')['args']['supervision'] == 'multilayer'
+    assert read_json(folder, 'ablation_bn7', 'stage2_run_args.json')['args']['supervision'] == 'bn7'
+    # every training stage got the run's seed
+    assert {read_json(folder, f, name)['args']['seed'] for f, name in (
+        ('stage1', 'stage1_args.json'), ('stage2', 'stage2_run_args.json'), ('ablation_bn7', 'stage2_run_args.json'),
+        ('fully_supervised', 'stage2_run_args.json'))} == {0}
 
 
 @pytest.mark.slow
@@ -75,9 +83,9 @@ def test_summary_repeats_what_the_stages_measured(run):
     folder, _ = run
     summary = read_json(folder, 'summary.json')
     assert summary['config'] == 'quick' and summary['dataset'] == 'luad'
-    scores = [summary['stage1_cam_test'], *summary['pseudo_masks_train'].values(),
-              *summary['stage2_test'].values(), summary['fully_supervised_test']]
-    assert len(scores) == 1 + 3 + 3 + 1
+    scores = [summary['stage1_cam_test'], *summary['pseudo_masks_train'].values(), summary['stage2_train'],
+              *summary['stage2_test'].values(), summary['ablation_bn7_test'], summary['fully_supervised_test']]
+    assert len(scores) == 1 + 3 + 1 + 3 + 1 + 1
     for s in scores:
         assert set(s) == {'miou', 'fwiou'} and 0 <= s['miou'] <= 1 and 0 <= s['fwiou'] <= 1
     assert summary['stage1_cam_test']['miou'] == read_json(folder, 'stage1', 'stage1_test_metrics.json')['miou']
@@ -91,6 +99,12 @@ def test_summary_repeats_what_the_stages_measured(run):
     assert summary['gap_points'] == round(100 * (fully - weakly), 2)
     # 4_infer.py on the test patches with the same checkpoint reproduces stage 2's own test.
     assert read_json(folder, 'test_predictions', 'metrics.json')['miou'] == pytest.approx(weakly, abs=1e-6)
+    assert summary['stage2_train']['miou'] == read_json(folder, 'train_predictions', 'metrics.json')['miou']
+    ablation = read_json(folder, 'ablation_bn7', 'test_metrics.json')['modes']
+    assert summary['ablation_bn7_test']['miou'] == ablation['no_gate']['miou'] and set(ablation) == {'no_gate'}
+    assert summary['class_iou_test'] == {
+        name: read_json(folder, name, 'test_metrics.json')['modes']['no_gate']['iou']
+        for name in ('stage2', 'ablation_bn7', 'fully_supervised')}
     # Every stage timed; the chain ran one stage after another, the baseline beside it; each stage
     # needed CPU time (a stage script starting Python and torch alone takes a second).
     times = summary['times']
@@ -98,7 +112,9 @@ def test_summary_repeats_what_the_stages_measured(run):
     assert all(set(t) == {'wall_s', 'cpu_s'} and t['wall_s'] > 0 and t['cpu_s'] > 0.5 for t in times.values())
     chain = ('data', 'stage1', 'pseudo_masks', 'stage2', 'predictions')
     assert sum(times[stage]['wall_s'] for stage in chain) <= times['total']['wall_s'] + 0.5
-    assert times['fully_supervised']['wall_s'] <= times['total']['wall_s'] and summary['baseline_alongside'] is True
+    # the baseline, then the ablation, beside the chain: together no longer than the whole run
+    beside = times['fully_supervised']['wall_s'] + times['ablation_bn7']['wall_s']
+    assert beside <= times['total']['wall_s'] + 0.5 and summary['alongside'] is True
     assert sum(times[stage]['cpu_s'] for stage in STAGES) <= times['total']['cpu_s'] + 0.5
 
 
@@ -116,6 +132,8 @@ def test_markdown_table_is_printed_and_saved(run):
         'CAM, test patches': summary['stage1_cam_test'],
         **{f'PM_{layer}, train patches vs train_gt': summary['pseudo_masks_train'][f'PM_{layer}']
            for layer in PAPER_LAYERS},
+        'train patches vs train_gt (what it learnt from)': summary['stage2_train'],
+        'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate': summary['ablation_bn7_test'],
         'test, no gate': summary['stage2_test']['no_gate'],
         'test, gate (multiply, reference)': summary['stage2_test']['gate_multiply'],
         'test, gate (mask)': summary['stage2_test']['gate_mask'],
@@ -129,6 +147,12 @@ def test_markdown_table_is_printed_and_saved(run):
                                         f'{times["total"]["cpu_s"]:.1f}']
     gap = summary['gap_points']
     assert f'is {abs(gap):.2f} MIoU points {"below" if gap >= 0 else "above"} the fully-supervised model' in table
+    best = max(s['miou'] for s in summary['pseudo_masks_train'].values())
+    delta = 100 * (summary['stage2_train']['miou'] - best)
+    assert f'stage 2 is {abs(delta):.2f} points {"above" if delta >= 0 else "below"} its best pseudo-masks' in table
+    class_rows = [line for line in table.splitlines() if line.startswith('| stage 2 (multi-layer) |')]
+    iou = summary['class_iou_test']['stage2']
+    assert class_rows == ['| stage 2 (multi-layer) | ' + ' | '.join(f'{iou[c]:.4f}' for c in iou) + ' |']
 
 
 @pytest.mark.slow
@@ -142,9 +166,11 @@ def test_contact_sheet_shows_three_test_patches_in_six_columns(run):
         x = column * (tile + GAP)
         colours = np.unique(sheet[TEXT_HEIGHT:TEXT_HEIGHT + tile, x:x + tile].reshape(-1, 3), axis=0)
         assert all((palette == c).all(axis=1).any() for c in colours), COLUMNS[column]
-    # The prediction column is the stage-2 mask of a test patch, enlarged.
+    # The prediction column is the stage-2 mask of a test patch, enlarged, with the glass of the
+    # truth (not scored) shown as background.
     names = sorted(list_pngs(os.path.join(folder, 'synthetic', 'test', 'img')))
-    masks = [np.asarray(Image.open(os.path.join(folder, 'test_predictions', 'masks', n))) for n in names]
+    masks = [np.where(np.asarray(Image.open(os.path.join(folder, 'synthetic', 'test', 'mask', n))) == 4, 4,
+                      np.asarray(Image.open(os.path.join(folder, 'test_predictions', 'masks', n)))) for n in names]
     x = (len(COLUMNS) - 1) * (tile + GAP)
     shown = sheet[TEXT_HEIGHT:TEXT_HEIGHT + tile:4, x:x + tile:4]
     assert any((palette[m] == shown).all() for m in masks)
@@ -184,26 +210,54 @@ def test_synthetic_dataset_of_another_configuration_is_refused(run):
 
 
 def test_summary_table_of_a_released_dataset_says_what_is_missing():
-    """No train_gt (the released datasets): no pseudo-mask scores, no fully-supervised baseline."""
+    """No train_gt (the released datasets) and no ablation (the reference configuration): no
+    pseudo-mask or train-patch scores, no fully-supervised baseline, no ablation."""
     s = {'miou': 0.5, 'fwiou': 0.25}
+    iou = {'TE': 0.5, 'NEC': 0.25, 'LYM': 0.75, 'TAS': 0.5}
     summary = {'dataroot': 'datasets/LUAD-HistoSeg', 'stage1_cam_test': s, 'pseudo_masks_train': None,
-               'stage2_test': {'no_gate': s, 'gate_multiply': s, 'gate_mask': s}, 'fully_supervised_test': None,
-               'gap_points': None, 'baseline_alongside': False,
-               'times': {'data': None, 'stage1': {'wall_s': 100.0, 'cpu_s': 98.0},
-                         'pseudo_masks': {'wall_s': 20.04, 'cpu_s': 19.96}, 'stage2': {'wall_s': 300.0, 'cpu_s': 290.0},
-                         'fully_supervised': None, 'predictions': {'wall_s': 5.0, 'cpu_s': 4.0},
+               'stage2_train': None, 'stage2_test': {'no_gate': s, 'gate_multiply': s, 'gate_mask': s},
+               'ablation_bn7_test': None, 'fully_supervised_test': None, 'class_iou_test': {'stage2': iou},
+               'gap_points': None, 'alongside': False,
+               'times': {'stage1': {'wall_s': 100.0, 'cpu_s': 98.0}, 'pseudo_masks': {'wall_s': 20.04, 'cpu_s': 19.96},
+                         'stage2': {'wall_s': 300.0, 'cpu_s': 290.0}, 'predictions': {'wall_s': 5.0, 'cpu_s': 4.0},
                          'total': {'wall_s': 425.0, 'cpu_s': 412.0}}}
     lines = pipeline.summary_table(summary).splitlines()
     assert lines[2] == '| data | dataset datasets/LUAD-HistoSeg (present) |  |  |  |  |'
     assert lines[3] == '| stage 1 | CAM, test patches | 0.5000 | 0.2500 | 100.0 | 98.0 |'
     assert lines[4] == '| pseudo-masks | PM_b4_5, train patches vs train_gt | n/a | n/a | 20.0 | 20.0 |'
-    assert lines[10] == '| fully supervised | same model, data and budget, train_gt; test, no gate | n/a | n/a |  |  |'
-    assert lines[-1] == '| total | all of the above |  |  | 425.0 | 412.0 |'
+    assert lines[7] == '| stage 2 | train patches vs train_gt (what it learnt from) | n/a | n/a | 300.0 | 290.0 |'
+    assert lines[11] == '| ablation | stage 2 on PM_bn7 alone (--supervision bn7); test, no gate | n/a | n/a |  |  |'
+    assert lines[12] == '| fully supervised | same model, data and budget, train_gt; test, no gate | n/a | n/a |  |  |'
+    assert lines[14] == '| total | all of the above |  |  | 425.0 | 412.0 |'
     assert not any('points' in line for line in lines)
-    # With train_gt: the gap to the fully-supervised model, either way round.
-    summary.update(fully_supervised_test=s, gap_points=-1.5)
-    assert pipeline.summary_table(summary).splitlines()[-1] == (
-        'stage 2 (weakly supervised, no gate) is 1.50 MIoU points above the fully-supervised model')
+    assert lines[-3:] == ['| test, no gate: IoU | TE | NEC | LYM | TAS |', '|---|---:|---:|---:|---:|',
+                          '| stage 2 (multi-layer) | 0.5000 | 0.2500 | 0.7500 | 0.5000 |']
+    # With train_gt and the ablation: what the rows say against each other, either way round.
+    summary.update(fully_supervised_test=s, gap_points=-1.5, ablation_bn7_test={'miou': 0.52, 'fwiou': 0.3},
+                   pseudo_masks_train={'PM_b4_5': s, 'PM_b5_2': {'miou': 0.6, 'fwiou': 0.6}, 'PM_bn7': s},
+                   stage2_train={'miou': 0.65, 'fwiou': 0.6})
+    assert pipeline.findings(summary) == [
+        'stage 2 (weakly supervised, no gate) is 1.50 MIoU points above the fully-supervised model',
+        'on its training patches stage 2 is 5.00 points above its best pseudo-masks (PM_b5_2)',
+        'the multi-layer loss is 2.00 points below PM_bn7 alone on the test patches']
+
+
+def test_seeds_table_gives_mean_spread_and_every_seed():
+    s = lambda v: {'miou': v, 'fwiou': v}
+    runs = []
+    for seed, v in zip((0, 1, 2), (0.5, 0.6, 0.7)):
+        runs.append({'seed': seed, 'dataroot': 'd', 'stage1_cam_test': s(v), 'pseudo_masks_train': None,
+                     'stage2_train': None, 'stage2_test': {'no_gate': s(v + 0.1)}, 'ablation_bn7_test': None,
+                     'fully_supervised_test': None, 'gap_points': None, 'alongside': True,
+                     'class_iou_test': {'stage2': {'TE': v, 'NEC': 1 - v}},
+                     'times': {'stage1': {'wall_s': 1.0, 'cpu_s': 1.0}, 'total': {'wall_s': 300 + seed, 'cpu_s': 500.0}}})
+    lines = pipeline.seeds_table(runs).splitlines()
+    assert lines[0] == '| stage | result | MIoU mean | sd | min | max | seed 0 | seed 1 | seed 2 |'
+    assert lines[2] == '| stage 1 | CAM, test patches | 0.6000 | 0.1000 | 0.5000 | 0.7000 | 0.5000 | 0.6000 | 0.7000 |'
+    assert lines[3] == '|  | test, no gate | 0.7000 | 0.1000 | 0.6000 | 0.8000 | 0.6000 | 0.7000 | 0.8000 |'
+    assert lines[5] == ('| stage 2 (multi-layer) | IoU NEC, test, no gate | 0.4000 | 0.1000 | 0.3000 | 0.5000 | '
+                        '0.5000 | 0.4000 | 0.3000 |')
+    assert lines[6] == '| total | wall time of a run (s) | 301 | 1 | 300 | 302 | 300 | 301 | 302 |'
 
 
 def test_default_configuration_follows_the_released_dataset(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from network.resnet38_cls import Net
 from tool.checkpoint import read_state_dict
-from tool.data import CLASS_NAMES, PALETTES, TissueDataset, colourise, image_to_rgb, read_mask
+from tool.data import BACKGROUND, CLASS_NAMES, PALETTES, TissueDataset, colourise, image_to_rgb, read_mask
 from tool.gradcam import PAPER_LAYERS, multi_layer_grad_cam
 from tool.io import save_png
 from tool.pseudo_mask import background_mask, pseudo_mask, uses_white_background
@@ -47,6 +47,9 @@ def sheet_rows(dataroot, dataset, stage1_weights, prediction_dir, count):
         masks = [pseudo_mask(cams[layer][0].numpy(), item['label'].numpy(), background) for layer in PAPER_LAYERS]
         prediction = read_mask(os.path.join(prediction_dir, os.path.splitext(item['name'])[0] + '.png'))
         truth = item['masks'][0].numpy().astype(np.uint8)
+        # Stage 2 predicts the four tissue classes only; glass in the truth is not scored, and is
+        # shown as such rather than as whatever class the network gives it.
+        prediction = np.where(truth == BACKGROUND, BACKGROUND, prediction).astype(np.uint8)
         rows.append((item['name'], [rgb] + [colourise(m, palette) for m in (truth, *masks, prediction)]))
     return rows
 
@@ -76,7 +79,8 @@ def draw_sheet(rows, dataset):
         draw.text((x + 14, y), name, fill='black', font=font)
         x += 14 + int(draw.textlength(name, font=font)) + 12
     draw.text((2, y + TEXT_HEIGHT), 'test patches; their pseudo-masks from the patch label (classes in the truth), '
-                                    'as for training patches', fill='black', font=font)
+                                    'as for training patches; stage 2 on glass (not scored) in white', fill='black',
+              font=font)
     return np.asarray(sheet)
 
 

@@ -1,8 +1,9 @@
-"""The whole pipeline in one command: stage 1, pseudo-masks, stage 2 with its test, predictions,
-a contact sheet and one summary table (what run_pipeline.sh runs).
+"""The whole pipeline in one command: stage 1, pseudo-masks, stage 2 with its test, the bn7-only
+ablation, predictions, a contact sheet and one summary table (what run_pipeline.sh runs).
 
     python -m tool.pipeline --dataset luad                # reference run, or the synthetic demo
-    python -m tool.pipeline --dataset bcss --config reduced --out runs/demo
+    python -m tool.pipeline --dataset bcss --seeds 0 1 2  # three seeds: mean and spread
+    python -m tool.pipeline --config reduced --dataroot DIR   # the demo's recipe on your data
     python -m tool.pipeline --quick                        # tiny synthetic smoke run (~1 min)
 
 Configurations:
@@ -11,20 +12,23 @@ Configurations:
                hyper-parameters (its run_pipeline.sh), on the GPU when there is one;
     reduced    no released dataset: the embedded synthetic one (datasets/SYNTH-LUAD or -BCSS,
                generated when absent) with small patches and small models, sized to finish in
-               about five minutes on two CPU cores;
+               about six minutes on two CPU cores; --dataroot runs the same recipe on any dataset
+               in the LUAD-HistoSeg layout;
     quick      a tiny synthetic dataset inside the run folder, for tests.
 Default: reference when the released dataset is there, reduced otherwise.
 
 Each stage runs its own script (1_train_stage1.py, 2_generate_PM.py, 3_train_stage2.py,
 4_infer.py) as a child process with the same Python, so stages share nothing but files, and
 each one's output goes to logs/<stage>.log. When the dataset has pixel truth for its training
-patches (train_gt/, the synthetic ones do), the pseudo-masks are scored against it and a
-fully-supervised model, 3_train_stage2.py --supervision gt with the same backbone, epochs,
-learning rate and data, gives the upper bound the weakly-supervised result is read against.
+patches (train_gt/, the synthetic ones do), the pseudo-masks and stage 2 are scored against it
+on the same patches, and a fully-supervised model, 3_train_stage2.py --supervision gt with the
+same backbone, epochs, learning rate and data, gives the upper bound the weakly-supervised result
+is read against. The CPU configurations also train stage 2 on PM_bn7 alone (--supervision bn7),
+the paper's single-layer ablation.
 
 Each stage's wall time and CPU time are measured: on cores shared with other programs the
-CPU time says what the stage costs. Stages take one thread each in the CPU configurations,
-where the fully-supervised baseline trains on the second core beside the chain of stages.
+CPU time says what the stage costs. Stages take one thread each in the CPU configurations, where
+the fully-supervised model, then the ablation, train on the second core beside the chain.
 
 Everything lands in one run folder (default runs/pipeline-<dataset>-<config>-<time>/):
     run_args.json             these arguments, library versions
@@ -34,17 +38,22 @@ Everything lands in one run folder (default runs/pipeline-<dataset>-<config>-<ti
                               (the trainings' resume files are removed once the run succeeded)
     pseudo_masks/             PM_b4_5/ PM_b5_2/ PM_bn7/, pseudo_mask_metrics.json
     stage2/                   best checkpoint, metrics.jsonl, test_metrics.json (with the gate)
+    ablation_bn7/             the same, trained on PM_bn7 alone
     fully_supervised/         the same for the upper bound (train_gt only)
     test_predictions/         stage-2 masks and overlays of the test patches, metrics.json
+    train_predictions/        stage 2 on its own training patches, metrics.json vs train_gt
     contact_sheet.png         a few test patches: image, truth, three pseudo-masks, prediction
     logs/<stage>.log          each stage's output, its command line first
     summary.json, summary.md  the table printed at the end
+With several --seeds, each seed's run is a folder seed-<s>/ of this layout, and the run folder's
+summary gives every result's mean and spread over the seeds.
 """
 import argparse
 import json
 import os
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +61,7 @@ import time
 from PIL import Image
 
 from tool.contact_sheet import save_contact_sheet
-from tool.data import list_pngs
+from tool.data import CLASS_NAMES, list_pngs
 from tool.gradcam import PAPER_LAYERS
 from tool.io import InputError, run_cli, save_text
 from tool.utils import write_run_record
@@ -62,19 +71,22 @@ RELEASED = {'luad': 'LUAD-HistoSeg', 'bcss': 'BCSS-WSSS'}  # folder names under 
 SYNTHETIC = {'luad': 'SYNTH-LUAD', 'bcss': 'SYNTH-BCSS'}
 STAGE_FLAGS = ('stage1', 'pseudo_masks', 'stage2', 'infer')  # the scripts a configuration gives flags to
 # Written every epoch so that an interrupted training can continue; the pipeline does not
-# continue stages, and they are large (two stage-2 ones: 340 MB in the reduced configuration).
-RESUME_FILES = ('stage1/stage1_resume.pth', 'stage2/stage2_resume.pth', 'fully_supervised/stage2_resume.pth')
+# continue stages, and they are large.
+RESUME_FILES = ('stage1/stage1_resume.pth', 'stage2/stage2_resume.pth', 'ablation_bn7/stage2_resume.pth',
+                'fully_supervised/stage2_resume.pth')
 GATES = (('no_gate', 'no gate'), ('gate_multiply', 'gate (multiply, reference)'), ('gate_mask', 'gate (mask)'))
 
 # Per configuration: the synthetic dataset to make (None: a released one is used), the threads of
-# each stage process (None: the library's choice), whether the fully-supervised baseline runs
-# beside the weakly-supervised chain instead of after it, and each stage's flags.
+# each stage process (None: the library's choice), whether the fully-supervised baseline and the
+# ablation run beside the weakly-supervised chain instead of after it, whether the bn7-only
+# ablation runs, and each stage's flags.
 CONFIGS = {
     'reference': {
         'synthetic': None,
         'threads': None,
-        # On a GPU the two stage-2 trainings would compete for its memory.
-        'baseline_alongside': False,
+        # On a GPU the stage-2 trainings would compete for its memory.
+        'alongside': False,
+        'ablation': False,
         'init_weights': ['init_weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params',
                          'init_weights/deeplab-resnet.pth.tar'],
         'stage1': ['--weights', 'init_weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params', '--max_epoches', '20',
@@ -84,37 +96,37 @@ CONFIGS = {
                    '--batch-size', '20', '--lr', '0.01', '--device', 'auto'],
         'infer': ['--device', 'auto'],
     },
-    # Sized for about five minutes on two cores (4 min 38 s measured, end to end): on the critical
-    # path stage 1 takes ~110 s and stage 2 ~120 s of one core, the baseline as long on the other.
-    # At 64 px the Grad-CAMs are 8 x 8 and the DeepLab features 4 x 4, yet the pseudo-masks reach
-    # ~0.51 MIoU; more stage-2 epochs help both stage-2 models (4 epochs: 0.46 weakly vs 0.53
-    # fully supervised), and the fully-supervised one more.
+    # Sized for about six minutes on two cores, chosen by measurement (README, "What the demo
+    # gives"): on the first core stage 1, the pseudo-masks and stage 2 one after another; on the
+    # second the fully-supervised model, then the bn7 ablation once the pseudo-masks exist.
     'reduced': {
-        'synthetic': {'size': 64, 'train': 1200, 'val': 60, 'test': 60},
+        'synthetic': {'size': 96, 'train': 800, 'val': 60, 'test': 100},
         # One thread per process: these convolutions are too small to share out, and the two
         # cores are better spent running the baseline beside the weakly-supervised chain.
         'threads': 1,
-        'baseline_alongside': True,
+        'alongside': True,
+        'ablation': True,
         'init_weights': [],
-        # From random initialisation (no ImageNet weights here), so every layer and BatchNorm
-        # trains, with real momentum; 1/16 of the reference's width.
-        'stage1': ['--weights', 'none', '--width', '0.0625', '--max_epoches', '10', '--batch_size', '8',
-                   '--lr', '0.02', '--momentum', '0.9', '--num_workers', '0', '--device', 'cpu'],
+        # From random initialisation (no ImageNet weights here): every layer and BatchNorm trains,
+        # with momentum 0.9 and the normalised PDA map (the defaults of --weights none).
+        'stage1': ['--weights', 'none', '--width', '0.125', '--max_epoches', '10', '--batch_size', '8',
+                   '--lr', '0.005', '--num_workers', '0', '--device', 'cpu'],
         'pseudo_masks': ['--batch_size', '32', '--num_workers', '0', '--device', 'cpu'],
-        'stage2': ['--backbone', 'resnet18', '--resume', 'none', '--epochs', '1', '--batch-size', '8',
-                   '--lr', '0.03', '--workers', '0', '--device', 'cpu'],
+        'stage2': ['--backbone', 'resnet18', '--width', '0.5', '--resume', 'none', '--epochs', '6',
+                   '--batch-size', '8', '--lr', '0.03', '--workers', '0', '--device', 'cpu'],
         'infer': ['--workers', '0', '--device', 'cpu'],
     },
     'quick': {
         'synthetic': {'size': 32, 'train': 32, 'val': 8, 'test': 8},
         'threads': 1,
-        'baseline_alongside': True,
+        'alongside': True,
+        'ablation': True,
         'init_weights': [],
         'stage1': ['--weights', 'none', '--width', '0.0625', '--max_epoches', '1', '--batch_size', '8',
-                   '--lr', '0.01', '--momentum', '0.9', '--num_workers', '0', '--device', 'cpu'],
+                   '--lr', '0.01', '--num_workers', '0', '--device', 'cpu'],
         'pseudo_masks': ['--batch_size', '16', '--num_workers', '0', '--device', 'cpu'],
-        'stage2': ['--backbone', 'resnet18', '--resume', 'none', '--epochs', '1', '--batch-size', '8',
-                   '--lr', '0.01', '--workers', '0', '--device', 'cpu'],
+        'stage2': ['--backbone', 'resnet18', '--width', '0.25', '--resume', 'none', '--epochs', '1',
+                   '--batch-size', '8', '--lr', '0.01', '--workers', '0', '--device', 'cpu'],
         'infer': ['--workers', '0', '--device', 'cpu'],
     },
 }
@@ -131,6 +143,9 @@ def get_args_parser():
                                            'reference, datasets/SYNTH-LUAD or -BCSS for reduced (generated when '
                                            'absent), a folder inside the run for quick)')
     parser.add_argument('--out', help='run folder (default: runs/pipeline-<dataset>-<config>-<time>); must not exist')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0], metavar='SEED',
+                        help='the --seed of every training stage; several: one run each, then the mean and '
+                             'spread of every result')
     for stage in STAGE_FLAGS:
         parser.add_argument(f'--{stage}_args', default='', metavar='FLAGS',
                             help=f'extra flags for the {stage} script, after the configuration\'s (the last '
@@ -259,6 +274,78 @@ def link_dataset(run, dataroot):
     return view
 
 
+# ---- one run of the chain --------------------------------------------------------------------------
+
+def run_chain(run, dataroot, dataset, config, extra, seed, sheet_patches):
+    """Every stage of one seed into the folder `run`; returns {stage: timing}."""
+    threads, times = config['threads'], {}
+    data = link_dataset(run, dataroot)
+    has_truth = os.path.isdir(os.path.join(data, 'train_gt'))
+    stage1_weights = os.path.join(run, 'stage1', f'stage1_checkpoint_trained_on_{dataset}.pth')
+    seeded = ['--seed', str(seed)]
+
+    def stage2_argv(supervision, folder):
+        return ['3_train_stage2.py', '--dataroot', data, '--dataset', dataset, *config['stage2'], *seeded,
+                *extra['stage2'], '--supervision', supervision, '--savepath', os.path.join(run, folder)]
+
+    baseline_argv = [*stage2_argv('gt', 'fully_supervised'), '--Is_GM', 'False']
+    ablation_argv = [*stage2_argv('bn7', 'ablation_bn7'), '--Is_GM', 'False']
+    running = []  # stages started beside the chain, stopped if anything fails
+
+    def start(name, argv):
+        running.append(Stage(name, argv, run, threads))
+        return running[-1]
+
+    try:
+        # The baseline needs nothing from stage 1: where cores allow, it trains beside the weakly
+        # supervised chain, whose stages depend on each other and cannot overlap; the ablation
+        # follows it on the same core once the pseudo-masks exist.
+        baseline = start('fully_supervised', baseline_argv) if has_truth and config['alongside'] else None
+        times['stage1'] = run_stage('stage1', ['1_train_stage1.py', '--dataroot', data, '--dataset', dataset,
+                                               '--save_folder', os.path.join(run, 'stage1'), *config['stage1'],
+                                               *seeded, *extra['stage1']], run, threads)
+        times['pseudo_masks'] = run_stage('pseudo_masks', [
+            '2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights', stage1_weights,
+            '--out', os.path.join(run, 'pseudo_masks'), *config['pseudo_masks'], *extra['pseudo_masks']], run, threads)
+        stage2 = start('stage2', [*stage2_argv('multilayer', 'stage2'), '--resume_stage1', stage1_weights,
+                                  '--Is_GM', 'True'])
+        if baseline is not None:
+            times['fully_supervised'] = baseline.wait()
+        ablation = start('ablation_bn7', ablation_argv) if config['ablation'] and config['alongside'] else None
+        times['stage2'] = stage2.wait()
+        if ablation is not None:
+            times['ablation_bn7'] = ablation.wait()
+        if has_truth and baseline is None:
+            times['fully_supervised'] = run_stage('fully_supervised', baseline_argv, run, threads)
+        if config['ablation'] and ablation is None:
+            times['ablation_bn7'] = run_stage('ablation_bn7', ablation_argv, run, threads)
+    finally:
+        for stage in running:
+            stage.stop()
+
+    start_time, cpu_start = time.perf_counter(), time.process_time()
+    stage2_weights = os.path.join(run, 'stage2', f'stage2_checkpoint_trained_on_{dataset}.pth')
+    infer_cpu = 0.0
+    # The test patches, and with train_gt the training patches: stage 2 against the pseudo-masks
+    # it learnt from, scored on the same patches.
+    for split, images, truth in (('test', 'test/img', 'test/mask'), ('train', 'train', 'train_gt')):
+        if split == 'train' and not has_truth:
+            continue
+        infer_cpu += run_stage(f'{split}_predictions', [
+            '4_infer.py', '--checkpoint', stage2_weights, '--input', os.path.join(data, images),
+            '--masks', os.path.join(data, truth), '--out', os.path.join(run, f'{split}_predictions'),
+            '--dataset', dataset, *config['infer'], *extra['infer']], run, threads)['cpu_s']
+    if sheet_patches:
+        save_contact_sheet(os.path.join(run, 'contact_sheet.png'), data, dataset, stage1_weights,
+                           os.path.join(run, 'test_predictions', 'masks'), sheet_patches, threads)
+    times['predictions'] = {'wall_s': time.perf_counter() - start_time,
+                            'cpu_s': infer_cpu + time.process_time() - cpu_start}
+    for name in RESUME_FILES:
+        if os.path.isfile(os.path.join(run, name)):
+            os.remove(os.path.join(run, name))
+    return times
+
+
 # ---- results ---------------------------------------------------------------------------------------
 
 def read_json(path):
@@ -270,63 +357,145 @@ def scores(record):
     return {'miou': record['miou'], 'fwiou': record['fwiou']}
 
 
-def collect_summary(run, dataset, config_name, dataroot, times, has_truth, baseline_alongside):
-    """Every stage's headline numbers from the files the stages wrote."""
-    stage2 = read_json(os.path.join(run, 'stage2', 'test_metrics.json'))['modes']
+def collect_summary(run, dataset, config_name, dataroot, times, seed, alongside):
+    """Every stage's headline numbers from the files the stages wrote; per-class IoU of the
+    stage-2 models' test (no gate)."""
+    test = {folder: read_json(os.path.join(run, folder, 'test_metrics.json'))['modes']
+            for folder in ('stage2', 'ablation_bn7', 'fully_supervised')
+            if os.path.isfile(os.path.join(run, folder, 'test_metrics.json'))}
     summary = {
-        'dataset': dataset, 'config': config_name, 'dataroot': dataroot, 'run': run,
+        'dataset': dataset, 'config': config_name, 'dataroot': dataroot, 'run': run, 'seed': seed,
         'stage1_cam_test': scores(read_json(os.path.join(run, 'stage1', 'stage1_test_metrics.json'))),
         'pseudo_masks_train': None,
-        'stage2_test': {mode: scores(stage2[mode]) for mode, _ in GATES if mode in stage2},
-        'fully_supervised_test': None,
+        'stage2_train': None,
+        'stage2_test': {mode: scores(test['stage2'][mode]) for mode, _ in GATES if mode in test['stage2']},
+        'ablation_bn7_test': scores(test['ablation_bn7']['no_gate']) if 'ablation_bn7' in test else None,
+        'fully_supervised_test': scores(test['fully_supervised']['no_gate']) if 'fully_supervised' in test else None,
+        'class_iou_test': {folder: modes['no_gate']['iou'] for folder, modes in test.items()},
         'gap_points': None,
-        'baseline_alongside': baseline_alongside,
-        'times': {stage: None if timing is None else {k: round(v, 1) for k, v in timing.items()}
-                  for stage, timing in times.items()},
+        'alongside': alongside,
+        'times': {stage: {k: round(v, 1) for k, v in timing.items()} for stage, timing in times.items()},
     }
-    if has_truth:
+    if os.path.isfile(os.path.join(run, 'train_predictions', 'metrics.json')):
         layers = read_json(os.path.join(run, 'pseudo_masks', 'pseudo_mask_metrics.json'))['layers']
         summary['pseudo_masks_train'] = {f'PM_{layer}': scores(layers[layer]) for layer in PAPER_LAYERS}
-        baseline = read_json(os.path.join(run, 'fully_supervised', 'test_metrics.json'))['modes']['no_gate']
-        summary['fully_supervised_test'] = scores(baseline)
-        summary['gap_points'] = round(100 * (baseline['miou'] - stage2['no_gate']['miou']), 2)
+        summary['stage2_train'] = scores(read_json(os.path.join(run, 'train_predictions', 'metrics.json')))
+    if summary['fully_supervised_test'] is not None:
+        summary['gap_points'] = round(100 * (summary['fully_supervised_test']['miou']
+                                             - summary['stage2_test']['no_gate']['miou']), 2)
     return summary
 
 
-def summary_table(summary):
-    """The summary as a Markdown table: one row per result, each stage's times on its first row."""
-    fmt = lambda v: 'n/a' if v is None else f'{v:.4f}'
-    rows = []
-
-    def add(stage, result, metrics=None, timing=None, note=''):
-        rows.append([stage, result, '' if stage == 'data' else fmt(metrics and metrics['miou']),
-                     '' if stage == 'data' else fmt(metrics and metrics['fwiou']),
-                     f'{timing["wall_s"]:.1f}{note}' if timing else '', f'{timing["cpu_s"]:.1f}' if timing else ''])
-
-    times = summary['times']
-    add('data', f'dataset {summary["dataroot"]}' + (' (present)' if times['data'] is None else ' (generated)'),
-        timing=times['data'])
-    add('stage 1', 'CAM, test patches', summary['stage1_cam_test'], times['stage1'])
+def table_rows(summary):
+    """[(stage, result, scores or None, timing or None, note)] in the order of the table."""
+    times = summary['times'].get
     pseudo = summary['pseudo_masks_train']
-    for i, layer in enumerate(PAPER_LAYERS):
-        add('pseudo-masks' if i == 0 else '', f'PM_{layer}, train patches vs train_gt',
-            pseudo and pseudo[f'PM_{layer}'], times['pseudo_masks'] if i == 0 else None)
-    for i, (mode, name) in enumerate(GATES):
-        if mode in summary['stage2_test']:
-            add('stage 2' if i == 0 else '', f'test, {name}', summary['stage2_test'][mode],
-                times['stage2'] if i == 0 else None)
-    add('fully supervised', 'same model, data and budget, train_gt; test, no gate', summary['fully_supervised_test'],
-        times['fully_supervised'], ' (beside stages 1-2)' if summary['baseline_alongside'] else '')
-    rows.append(['test', 'predictions of the test patches, contact sheet', '', '',
-                 f'{times["predictions"]["wall_s"]:.1f}', f'{times["predictions"]["cpu_s"]:.1f}'])
-    rows.append(['total', 'all of the above', '', '', f'{times["total"]["wall_s"]:.1f}',
-                 f'{times["total"]["cpu_s"]:.1f}'])
+    rows = [('data', f'dataset {summary["dataroot"]}' + (' (generated)' if times('data') else ' (present)'),
+             None, times('data'), ''),
+            ('stage 1', 'CAM, test patches', summary['stage1_cam_test'], times('stage1'), '')]
+    rows += [('pseudo-masks' if i == 0 else '', f'PM_{layer}, train patches vs train_gt',
+              pseudo and pseudo[f'PM_{layer}'], times('pseudo_masks') if i == 0 else None, '')
+             for i, layer in enumerate(PAPER_LAYERS)]
+    rows.append(('stage 2', 'train patches vs train_gt (what it learnt from)', summary['stage2_train'],
+                 times('stage2'), ''))
+    rows += [('', f'test, {name}', summary['stage2_test'][mode], None, '')
+             for mode, name in GATES if mode in summary['stage2_test']]
+    rows.append(('ablation', 'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate',
+                 summary['ablation_bn7_test'], times('ablation_bn7'), ' (beside stage 2)'))
+    rows.append(('fully supervised', 'same model, data and budget, train_gt; test, no gate',
+                 summary['fully_supervised_test'], times('fully_supervised'), ' (beside stages 1-2)'))
+    rows.append(('test', 'predictions of the test and train patches, contact sheet', None, times('predictions'), ''))
+    rows.append(('total', 'all of the above', None, times('total'), ''))
+    return rows
+
+
+def fmt(v):
+    return 'n/a' if v is None else f'{v:.4f}'
+
+
+def summary_table(summary):
+    """The summary as Markdown: one row per result, each stage's times on its first row; then
+    what the rows say against each other, and the per-class IoU of the stage-2 models."""
     lines = ['| stage | result | MIoU | FwIoU | wall (s) | CPU (s) |', '|---|---|---:|---:|---:|---:|']
-    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    gap = summary['gap_points']
-    if gap is not None:
-        lines.append(f'\nstage 2 (weakly supervised, no gate) is {abs(gap):.2f} MIoU points '
-                     f'{"below" if gap >= 0 else "above"} the fully-supervised model')
+    for stage, result, metrics, timing, note in table_rows(summary):
+        scored = stage not in ('data', 'test', 'total')
+        lines.append('| ' + ' | '.join([
+            stage, result, fmt(metrics and metrics['miou']) if scored else '',
+            fmt(metrics and metrics['fwiou']) if scored else '',
+            f'{timing["wall_s"]:.1f}{note if summary["alongside"] else ""}' if timing else '',
+            f'{timing["cpu_s"]:.1f}' if timing else '']) + ' |')
+    lines += [''] + findings(summary)
+    if summary['class_iou_test']:
+        names = list(next(iter(summary['class_iou_test'].values())))
+        lines += ['', '| test, no gate: IoU | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+        lines += [f'| {MODEL_NAMES[folder]} | ' + ' | '.join(fmt(iou[c]) for c in names) + ' |'
+                  for folder, iou in summary['class_iou_test'].items()]
+    return '\n'.join(lines) + '\n'
+
+
+MODEL_NAMES = {'stage2': 'stage 2 (multi-layer)', 'ablation_bn7': 'stage 2 on PM_bn7 alone',
+               'fully_supervised': 'fully supervised'}
+
+
+def findings(summary):
+    """Sentences comparing the rows: the gap to full supervision, stage 2 against its pseudo-masks
+    on the same patches, the multi-layer loss against bn7 alone."""
+    said = []
+    weak = summary['stage2_test']['no_gate']['miou']
+    if summary['gap_points'] is not None:
+        gap = summary['gap_points']
+        said.append(f'stage 2 (weakly supervised, no gate) is {abs(gap):.2f} MIoU points '
+                    f'{"below" if gap >= 0 else "above"} the fully-supervised model')
+    if summary['stage2_train'] is not None:
+        layer, best = max(summary['pseudo_masks_train'].items(), key=lambda item: item[1]['miou'])
+        delta = 100 * (summary['stage2_train']['miou'] - best['miou'])
+        said.append(f'on its training patches stage 2 is {abs(delta):.2f} points {"above" if delta >= 0 else "below"} '
+                    f'its best pseudo-masks ({layer})')
+    if summary['ablation_bn7_test'] is not None:
+        delta = 100 * (weak - summary['ablation_bn7_test']['miou'])
+        said.append(f'the multi-layer loss is {abs(delta):.2f} points {"above" if delta >= 0 else "below"} '
+                    f'PM_bn7 alone on the test patches')
+    return said
+
+
+# ---- several seeds ---------------------------------------------------------------------------------
+
+def spread(values):
+    """(mean, standard deviation, min, max) of a list of numbers (sd 0 for one value)."""
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+            min(values), max(values))
+
+
+def seeds_table(summaries):
+    """Markdown: every scored row of the single-run table as mean, sd and range of its MIoU over the
+    seeds, each seed's value, and the per-class IoU of stage 2 likewise; then the wall and CPU
+    time of a whole run."""
+    seeds = [s['seed'] for s in summaries]
+    header = ('| stage | result | MIoU mean | sd | min | max | ' + ' | '.join(f'seed {s}' for s in seeds) + ' |')
+    lines = [header, '|---|---|' + '---:|' * (4 + len(seeds))]
+    rows_by_seed = [table_rows(s) for s in summaries]
+    for i, (stage, result, metrics, _, _) in enumerate(rows_by_seed[0]):
+        if metrics is None or stage in ('data', 'test', 'total'):
+            continue
+        values = [rows[i][2]['miou'] for rows in rows_by_seed]
+        lines.append(f'| {stage} | {result} | ' + ' | '.join(fmt(v) for v in spread(values)) + ' | '
+                     + ' | '.join(fmt(v) for v in values) + ' |')
+    if summaries[0]['gap_points'] is not None:
+        values = [s['gap_points'] for s in summaries]
+        lines.append('| | fully supervised minus stage 2 (points) | ' + ' | '.join(f'{v:.2f}' for v in spread(values))
+                     + ' | ' + ' | '.join(f'{v:.2f}' for v in values) + ' |')
+    for folder, name in MODEL_NAMES.items():
+        if folder not in summaries[0]['class_iou_test']:
+            continue
+        for c in summaries[0]['class_iou_test'][folder]:
+            values = [s['class_iou_test'][folder][c] for s in summaries]
+            lines.append(f'| {name} | IoU {c}, test, no gate | ' + ' | '.join(fmt(v) for v in spread(values))
+                         + ' | ' + ' | '.join(fmt(v) for v in values) + ' |')
+    for key in ('wall_s', 'cpu_s'):
+        values = [s['times']['total'][key] for s in summaries]
+        lines.append(f'| total | {"wall" if key == "wall_s" else "CPU"} time of a run (s) | '
+                     + ' | '.join(f'{v:.0f}' for v in spread(values)) + ' | ' + ' | '.join(f'{v:.0f}' for v in values)
+                     + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -335,82 +504,56 @@ def summary_table(summary):
 def main(args):
     if args.sheet_patches < 0:
         raise InputError(f'--sheet_patches {args.sheet_patches}: must be 0 or more')
-    started, cpu_started = time.perf_counter(), time.process_time()
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise InputError(f'--seeds {" ".join(map(str, args.seeds))}: give different seeds, 0 or more')
     config_name = choose_config(args)
     config = CONFIGS[config_name]
     # Absolute paths: the stage scripts run from the repository root, the caller may be elsewhere.
-    run = os.path.abspath(args.out) if args.out else os.path.join(
+    top = os.path.abspath(args.out) if args.out else os.path.join(
         ROOT, 'runs', f'pipeline-{args.dataset}-{config_name}-{time.strftime("%Y%m%d-%H%M%S")}')
-    if os.path.exists(run):
-        raise InputError(f'{run}: the run folder exists already; choose another --out')
-    dataroot = os.path.abspath(args.dataroot) if args.dataroot else default_dataroot(config_name, args.dataset, run)
+    if os.path.exists(top):
+        raise InputError(f'{top}: the run folder exists already; choose another --out')
+    dataroot = os.path.abspath(args.dataroot) if args.dataroot else default_dataroot(config_name, args.dataset, top)
     missing = [path for path in config['init_weights'] if not os.path.isfile(os.path.join(ROOT, path))]
     if missing:
         raise InputError(f'{missing[0]}: initial weights not found (see init_weights/README.md)')
-    os.makedirs(run)
+    os.makedirs(top)
     # The record holds what the defaults resolved to, and every stage's flags.
-    write_run_record(run, argparse.Namespace(**{**vars(args), 'config': config_name, 'dataroot': dataroot,
-                                                'out': run, 'config_flags': config}))
-    print(f'configuration {config_name}, dataset {dataroot}, run folder {run}', flush=True)
+    write_run_record(top, argparse.Namespace(**{**vars(args), 'config': config_name, 'dataroot': dataroot,
+                                                'out': top, 'config_flags': config}))
+    print(f'configuration {config_name}, dataset {dataroot}, run folder {top}', flush=True)
     extra = {stage: shlex.split(getattr(args, f'{stage}_args')) for stage in STAGE_FLAGS}
-    threads, times = config['threads'], {}
-
-    times['data'] = prepare_dataset(dataroot, args.dataset, config['synthetic'], run, threads, check=not args.dataroot)
-    data = link_dataset(run, dataroot)
-    has_truth = os.path.isdir(os.path.join(data, 'train_gt'))
-    stage1_weights = os.path.join(run, 'stage1', f'stage1_checkpoint_trained_on_{args.dataset}.pth')
-    stage2_common = ['--dataroot', data, '--dataset', args.dataset, *config['stage2'], *extra['stage2']]
-    baseline_argv = ['3_train_stage2.py', *stage2_common, '--supervision', 'gt', '--Is_GM', 'False',
-                     '--savepath', os.path.join(run, 'fully_supervised')]
-    # The baseline needs nothing from stage 1: where cores allow, it trains beside the weakly
-    # supervised chain, whose stages depend on each other and cannot overlap.
-    alongside = has_truth and config['baseline_alongside']
-    baseline = Stage('fully_supervised', baseline_argv, run, threads) if alongside else None
-    try:
-        times['stage1'] = run_stage('stage1', ['1_train_stage1.py', '--dataroot', data, '--dataset', args.dataset,
-                                               '--save_folder', os.path.join(run, 'stage1'),
-                                               *config['stage1'], *extra['stage1']], run, threads)
-        times['pseudo_masks'] = run_stage('pseudo_masks', [
-            '2_generate_PM.py', '--dataroot', data, '--dataset', args.dataset, '--weights', stage1_weights,
-            '--out', os.path.join(run, 'pseudo_masks'), *config['pseudo_masks'], *extra['pseudo_masks']], run, threads)
-        times['stage2'] = run_stage('stage2', ['3_train_stage2.py', *stage2_common, '--supervision', 'multilayer',
-                                               '--resume_stage1', stage1_weights, '--Is_GM', 'True',
-                                               '--savepath', os.path.join(run, 'stage2')], run, threads)
-        if baseline is not None:
-            times['fully_supervised'] = baseline.wait()
-        elif has_truth:
-            times['fully_supervised'] = run_stage('fully_supervised', baseline_argv, run, threads)
-        else:
-            times['fully_supervised'] = None
-    finally:
-        if baseline is not None:
-            baseline.stop()
-
-    start, cpu_start = time.perf_counter(), time.process_time()
-    predictions = os.path.join(run, 'test_predictions')
-    stage2_weights = os.path.join(run, 'stage2', f'stage2_checkpoint_trained_on_{args.dataset}.pth')
-    infer = run_stage('predictions', [
-        '4_infer.py', '--checkpoint', stage2_weights, '--input', os.path.join(data, 'test', 'img'),
-        '--masks', os.path.join(data, 'test', 'mask'), '--out', predictions, '--dataset', args.dataset,
-        *config['infer'], *extra['infer']], run, threads)
-    if args.sheet_patches:
-        save_contact_sheet(os.path.join(run, 'contact_sheet.png'), data, args.dataset, stage1_weights,
-                           os.path.join(predictions, 'masks'), args.sheet_patches, threads)
-    times['predictions'] = {'wall_s': time.perf_counter() - start,
-                            'cpu_s': infer['cpu_s'] + time.process_time() - cpu_start}
-    times['total'] = {'wall_s': time.perf_counter() - started,
-                      'cpu_s': children_cpu_seconds() + time.process_time() - cpu_started}
-
-    for name in RESUME_FILES:
-        if os.path.isfile(os.path.join(run, name)):
-            os.remove(os.path.join(run, name))
-    summary = collect_summary(run, args.dataset, config_name, dataroot, times, has_truth, baseline is not None)
-    table = summary_table(summary)
-    save_text(json.dumps(summary, indent=2) + '\n', os.path.join(run, 'summary.json'))
-    save_text(f'# Pipeline summary ({args.dataset}, {config_name} configuration)\n\n{table}',
-              os.path.join(run, 'summary.md'))
-    print(f'\n{table}\nrun folder: {run} (summary.json, summary.md, contact_sheet.png, logs/)')
-    return summary
+    summaries = []
+    for seed in args.seeds:
+        started, cpu_started = time.perf_counter(), children_cpu_seconds() + time.process_time()
+        times = {}
+        if not summaries:  # the dataset is made once, its time counted in the first run
+            times['data'] = prepare_dataset(dataroot, args.dataset, config['synthetic'], top, config['threads'],
+                                            check=not args.dataroot)
+        run = top if len(args.seeds) == 1 else os.path.join(top, f'seed-{seed}')
+        os.makedirs(run, exist_ok=True)
+        if len(args.seeds) > 1:
+            print(f'\nseed {seed}: {run}', flush=True)
+        times.update(run_chain(run, dataroot, args.dataset, config, extra, seed, args.sheet_patches))
+        times['total'] = {'wall_s': time.perf_counter() - started,
+                          'cpu_s': children_cpu_seconds() + time.process_time() - cpu_started}
+        summary = collect_summary(run, args.dataset, config_name, dataroot,
+                                  {stage: t for stage, t in times.items() if t is not None}, seed, config['alongside'])
+        table = summary_table(summary)
+        save_text(json.dumps(summary, indent=2) + '\n', os.path.join(run, 'summary.json'))
+        save_text(f'# Pipeline summary ({args.dataset}, {config_name} configuration, seed {seed})\n\n{table}',
+                  os.path.join(run, 'summary.md'))
+        print(f'\n{table}', flush=True)
+        summaries.append(summary)
+    if len(summaries) > 1:
+        table = seeds_table(summaries)
+        save_text(json.dumps({'seeds': args.seeds, 'runs': summaries}, indent=2) + '\n',
+                  os.path.join(top, 'summary.json'))
+        save_text(f'# Pipeline summary ({args.dataset}, {config_name} configuration, seeds '
+                  f'{" ".join(map(str, args.seeds))})\n\n{table}', os.path.join(top, 'summary.md'))
+        print(f'\nover seeds {" ".join(map(str, args.seeds))}:\n\n{table}')
+    print(f'run folder: {top} (summary.json, summary.md, contact_sheet.png, logs/)')
+    return summaries
 
 
 if __name__ == '__main__':
