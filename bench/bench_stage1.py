@@ -3,9 +3,12 @@
     python -m bench.bench_stage1                          # CPU, reduced network, a few minutes
     python -m bench.bench_stage1 --device cuda --width 1 --size 224 --batch_size 16 --patches 1600 [--amp]
 
-Both paths train copies of one network (frozen conv1a..b2_2 and BatchNorm, as fine-tuning from
-ImageNet weights; PDA on, as in 17 of the 20 epochs) with the same optimiser on the same synthetic
-patches, after two warm-up steps each, alternating epoch by epoch; the best epoch of each counts.
+Both paths train copies of one network from random initialisation, as `--weights none` does
+(every layer and BatchNorm trains, momentum 0.9, PDA on as in 17 of the 20 epochs, with the
+normalised map: with the reference's, or with frozen random layers, the network does not learn and
+the bench would time a dead one), with the same optimiser on the same synthetic patches, after two
+warm-up steps each, alternating epoch by epoch; the best epoch of each counts. Each path's mean
+loss of its first and last epoch is printed: it falls when the network learns.
 Both load with --workers DataLoader workers, by default the reference's 10, as on a GPU machine,
 capped to the CPU cores (as tool.stage1 does) so that a small machine slows neither path alone.
 
@@ -23,6 +26,7 @@ step allocate again).
 """
 import argparse
 import copy
+import json
 import os
 import tempfile
 
@@ -42,9 +46,10 @@ PDA_EPOCH = stage1.PDA_FIRST_EPOCH  # an epoch with PDA on, as most of a run is
 
 
 def reference_epoch(model, optimizer, lr_scheduler, loader, device):
-    """One epoch the way the reference's train_phase runs it."""
+    """One epoch the way the reference's train_phase runs it; returns its mean loss."""
     model.train()
     exact = jaccard = seen = 0
+    losses = []
     for batch in loader:
         labels = batch['label'].to(device, non_blocking=True)  # from pageable memory: a synchronous copy
         logits = model(batch['image'].to(device), enable_pda=True)
@@ -55,13 +60,14 @@ def reference_epoch(model, optimizer, lr_scheduler, loader, device):
             jaccard += round(len(predicted & true) / len(predicted | true), 4)
             seen += 1
         loss = F.multilabel_soft_margin_loss(logits, labels)
-        loss.item()  # the reference's AverageMeter
+        losses.append(loss.item())  # the reference's AverageMeter
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         lr_scheduler.step()
         if device.type == 'cuda':
             torch.cuda.empty_cache()
+    return np.mean(losses)
 
 
 def main(args):
@@ -69,13 +75,14 @@ def main(args):
     if device.type == 'cpu':
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    start = Net(4, args.width, frozen=True)
+    start = Net(4, args.width, frozen=False, pda_mode='normalised')
     with tempfile.TemporaryDirectory() as folder:
         root = os.path.join(folder, 'synth')
         write_bench_dataset(root, args.size, args.patches, args.seed)
         train_args = stage1.get_args_parser().parse_args([
             '--trainroot', os.path.join(root, 'train'), '--testroot', os.path.join(root, 'test'),
-            '--dataset', 'luad', '--batch_size', str(args.batch_size), '--num_workers', str(args.workers),
+            '--dataset', 'luad', '--weights', 'none', '--lr', str(args.lr), '--batch_size', str(args.batch_size),
+            '--num_workers', str(args.workers),
             '--print_freq', str(args.print_freq), '--max_epoches', '20', *(['--amp'] if args.amp else [])])
         our_loader = stage1.make_data_loaders(train_args, device)[0]
         dataset = with_items(our_loader.dataset, as_uint8=False)  # the reference's float32 items, whatever ours are
@@ -94,22 +101,29 @@ def main(args):
         amp_dtype = autocast_dtype(args.amp, device)
         scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
 
+        losses = {'reference': [], 'ours': []}  # mean loss of each timed epoch
+
         def reference(loader):
             torch.backends.cudnn.benchmark = False  # the reference leaves cuDNN's default
-            reference_epoch(reference_model, *reference_optimizer, loader, device)
+            losses['reference'].append(reference_epoch(reference_model, *reference_optimizer, loader, device))
             return len(loader) * args.batch_size
 
         def ours(loader):
             configure_cuda_speed(device)  # cuDNN autotuning back on
             stage1.train_one_epoch(our_model, *our_optimizer, scaler, loader, device, PDA_EPOCH, 0, train_args, log,
                                    amp_dtype)
+            with open(log.path) as f:
+                losses['ours'].append(json.loads(f.readlines()[-1])['epoch_loss'])
             return len(loader) * args.batch_size
 
         reference(warm_up(dataset, args.batch_size))
         ours(warm_up(our_loader.dataset, args.batch_size))
+        losses = {'reference': [], 'ours': []}  # the warm-up steps do not count
         rates = alternating_rates({'reference': lambda: reference(reference_loader), 'ours': lambda: ours(our_loader)},
                                   args.repeats, device)
     report(rates, 'images/s')
+    print('mean loss, first and last timed epoch: ' + ', '.join(
+        f'{name} {values[0]:.4f} -> {values[-1]:.4f}' for name, values in losses.items()))
 
 
 def parse_args(argv=None):
@@ -117,6 +131,9 @@ def parse_args(argv=None):
     add_common_args(parser, patches=32, repeats_help='epochs')
     parser.add_argument('--width', type=float, default=0.25, help='ResNet-38 width (1.0 = reference)')
     parser.add_argument('--batch_size', type=int, default=4, help='the reference: 20')
+    parser.add_argument('--lr', type=float, default=0.003,
+                        help='base learning rate: one at which a network from scratch learns within the few timed '
+                             'epochs (at 0.01 its loss still swings up and down that early)')
     add_workers_arg(parser)
     parser.add_argument('--print_freq', type=int, default=10, help='our path: read losses back every N steps')
     return parser.parse_args(argv)
