@@ -238,9 +238,12 @@ def stage1_runs(data, tmp_path_factory):
     torch.manual_seed(0)
     start = folder / 'start.pth'
     torch.save(Net(4, WIDTH).state_dict(), start)
-    # --wt_dec 0: on these tiny gradients weight decay would make up most of the update.
+    # --wt_dec 0: on these tiny gradients weight decay would make up most of the update. --pda
+    # normalised: from this start every CAM is <= 0, the reference map zeroes the features in PDA's
+    # epoch and the run stops as a dead classifier (tests/test_pda.py).
     common = ['--dataroot', data, '--dataset', 'luad', '--weights', start, '--width', WIDTH, '--max_epoches', 4,
-              '--num_workers', 0, '--device', 'cpu', '--print_freq', 1, '--lr', 0.01, '--wt_dec', 0]
+              '--num_workers', 0, '--device', 'cpu', '--print_freq', 1, '--lr', 0.01, '--wt_dec', 0,
+              '--pda', 'normalised']
     stage1.main(stage1.get_args_parser().parse_args(map(str, [*common, '--batch_size', 8,
                                                               '--save_folder', folder / 'one'])))
     torchrun('1_train_stage1.py', *common, '--batch_size', 8, '--save_folder', folder / 'two')
