@@ -260,6 +260,24 @@ def test_seeds_table_gives_mean_spread_and_every_seed():
     assert lines[6] == '| total | wall time of a run (s) | 301 | 1 | 300 | 302 | 300 | 301 | 302 |'
 
 
+def test_reduced_recipe_trains_for_the_same_patches_seen_on_any_dataset(tmp_path):
+    """10 and 6 epochs of the embedded 800 patches; more epochs on fewer patches, fewer on more,
+    at least one; configurations without a budget give no flags."""
+    reduced = pipeline.CONFIGS['reduced']
+
+    def length(patches):
+        folder = tmp_path / str(patches)
+        folder.mkdir()
+        for i in range(patches):
+            (folder / f'p{i}.png').touch()
+        return pipeline.training_length(reduced, str(folder))
+    assert length(reduced['synthetic']['train']) == {'stage1': ['--max_epoches', '10'], 'stage2': ['--epochs', '6']}
+    assert length(600) == {'stage1': ['--max_epoches', '13'], 'stage2': ['--epochs', '8']}
+    assert length(9000) == {'stage1': ['--max_epoches', '1'], 'stage2': ['--epochs', '1']}
+    assert '--max_epoches' not in reduced['stage1'] and '--epochs' not in reduced['stage2']  # one source
+    assert pipeline.training_length(pipeline.CONFIGS['reference'], str(tmp_path / 'absent')) == {}
+
+
 def test_default_configuration_follows_the_released_dataset(tmp_path, monkeypatch):
     parse = lambda *a: pipeline.get_args_parser().parse_args(list(a))
     monkeypatch.setattr(pipeline, 'ROOT', str(tmp_path))

@@ -58,7 +58,7 @@ def test_labels_are_the_classes_in_the_masks(generated):
         share = np.bincount(mask.ravel(), minlength=BACKGROUND + 1) / mask.size
         assert ds.labels[i].tolist() == (share[:BACKGROUND] > 0).tolist()
         present = share[:BACKGROUND][share[:BACKGROUND] > 0]
-        assert present.min() >= synth.MIN_FRACTION and share[BACKGROUND] <= synth.MAX_BACKGROUND
+        assert present.min() >= synth.VARIANTS["default"].min_fraction and share[BACKGROUND] <= synth.MAX_BACKGROUND
         backgrounds += share[BACKGROUND] > 0
     # background (value 4, white glass) only in luad, where a good share of patches show some
     assert backgrounds == 0 if dataset == 'bcss' else backgrounds >= 4
@@ -153,3 +153,27 @@ def test_glass_and_only_glass_is_white_background_for_the_pseudo_mask_rule():
     assert glass > 0.05 * (glass + tissue)
     # (glass pixels at the border take some colour from the tissue through the optics blur)
     assert found_glass > 0.97 * glass and flagged_tissue < 0.001 * tissue
+
+
+def test_heldout_variant_draws_other_tissue_by_the_same_rules(tmp_path):
+    """`--variant heldout` (data to check a recipe on that it was not tuned on) changes what the
+    patches look like, not the rules: same layout and seeds, other pixels, smaller compartments,
+    its own minimum share per class; the default is untouched by it."""
+    heldout = synth.VARIANTS['heldout']
+    assert all(a != b for a, b in zip(heldout, synth.VARIANTS['default']))
+    argv = ['--dataset', 'luad', '--size', '64', '--train', '24', '--val', '3', '--test', '2']
+    synth.main(synth.parse_args(['--out', str(tmp_path / 'h'), '--variant', 'heldout', *argv]))
+    ours, default = digests(tmp_path / 'h'), digests(generate(tmp_path / 'd', 'luad'))
+    assert len(ours) == len(default) and not {v for k, v in ours.items() if k.startswith('train/')} & \
+        {v for k, v in default.items() if k.startswith('train/')}
+    bank = synth.stamp_bank(0, 'luad')
+    pieces = {}
+    for name, variant in synth.VARIANTS.items():
+        counts = []
+        for index in range(24):
+            _, mask = synth.make_patch(synth.patch_rng(0, 'luad', 'train', index), bank, 96, 'luad', variant)
+            share = np.bincount(mask.ravel(), minlength=BACKGROUND + 1)[:BACKGROUND] / mask.size
+            assert share[share > 0].min() >= variant.min_fraction
+            counts.append(sum(ndimage.label(mask == c)[1] for c in np.unique(mask)))
+        pieces[name] = np.mean(counts)
+    assert pieces['heldout'] > pieces['default']  # smaller compartments: more pieces a patch

@@ -9,9 +9,9 @@ truth of the train patches, which real datasets do not have), val/img, val/mask,
 test/mask. Masks are palette PNGs; 4 is white background (luad only).
 
 How a patch is made. The truth first, at tissue scale: a few tissue types get smooth random
-fields with features REGION_SCALE pixels across, and each pixel takes the largest (borders that
+fields with features a few tens of pixels across (the variant's region_scale), and each pixel takes the largest (borders that
 wander by a few cells); connected pieces smaller than MIN_PIECE of the patch are merged into what
-surrounds them, and types covering less than MIN_FRACTION are dropped, so that the patch label
+surrounds them, and types covering less than min_fraction are dropped, so that the patch label
 (types present in the mask) names only visible tissue. Then the image, with a border exactly
 where the truth has one: each type fills its whole region with haematoxylin (H) and eosin (E)
 concentration maps of its own texture, its nuclei clipped to the region:
@@ -32,6 +32,7 @@ import functools
 import os
 import shutil
 import time
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -46,17 +47,31 @@ CLASS_INDEX = {'luad': {'tumour': 0, 'necrosis': 1, 'lymphocytes': 2, 'stroma': 
                'bcss': {'tumour': 0, 'stroma': 1, 'lymphocytes': 2, 'necrosis': 3}}
 DATASETS = ('luad', 'bcss')
 SPLITS = ('train', 'val', 'test')
-MIN_FRACTION = 0.06        # a tissue type covering less of the patch is removed from it
 MIN_PIECE = 0.015          # connected pieces smaller than this share of the patch are merged away
 MAX_BACKGROUND = 0.45      # keep most of a patch tissue, as in the real crops
-REGION_SCALE = (40, 70)    # pixels across a tissue compartment (drawn per patch)
-BORDER_ROUGHNESS = 0.15    # borders wander by a few cells, never into specks
-STAIN_STRENGTH = (0.85, 1.25)  # per-patch scale of each stain's optical density
-TISSUES_PER_PATCH = (0.3, 0.4, 0.22, 0.08)  # P(1, 2, 3, 4 types drawn before pruning)
 BACKGROUND_RATE = {'luad': 0.4, 'bcss': 0.0}
-# Optical density per unit concentration (R, G, B): typical H&E stain vectors.
-STAIN_H = np.array([0.5626, 0.7201, 0.4062])
-STAIN_E = np.array([0.2159, 0.8012, 0.5581])
+
+
+class Variant(NamedTuple):
+    """The generator's settings that shape what a recipe sees."""
+    min_fraction: float        # a tissue type covering less of the patch is removed from it
+    region_scale: tuple        # pixels across a tissue compartment (drawn per patch)
+    border_roughness: float    # borders wander by a few cells, never into specks
+    stain_strength: tuple      # per-patch scale of each stain's optical density
+    tissues_per_patch: tuple   # P(1, 2, 3, 4 types drawn before pruning)
+    stain_h: tuple             # optical density per unit concentration (R, G, B)
+    stain_e: tuple
+
+
+# 'default' is the demo's data. 'heldout' changes every setting above (smaller compartments,
+# rougher borders, stronger stain variation, Ruifrok & Johnston's stain vectors, more mixed
+# patches): data that the demo's recipe was never tuned on, to check a recipe on.
+VARIANTS = {
+    'default': Variant(0.06, (40, 70), 0.15, (0.85, 1.25), (0.3, 0.4, 0.22, 0.08),
+                       (0.5626, 0.7201, 0.4062), (0.2159, 0.8012, 0.5581)),
+    'heldout': Variant(0.05, (28, 50), 0.25, (0.75, 1.4), (0.2, 0.35, 0.3, 0.15),
+                       (0.65, 0.70, 0.29), (0.07, 0.99, 0.11)),
+}
 STAMP_VARIANTS = 48
 MARGIN = 16                # canvas padding so a nucleus stamp never needs clipping
 
@@ -82,13 +97,13 @@ def smooth_noise(rng, size, scale):
     return rows[:, low] * (1 - w) + rows[:, low + 1] * w
 
 
-def region_field(rng, size, scale):
+def region_field(rng, size, scale, roughness):
     """A field whose level sets are tissue compartments about `scale` pixels across: smooth
     noise blurred (no bilinear creases), normalised, plus a little finer noise so borders are
     irregular at the scale of a few cells."""
     field = ndimage.gaussian_filter(smooth_noise(rng, size, scale), scale / 3, mode='nearest')
     field /= field.std() + 1e-6
-    return field + BORDER_ROUGHNESS * smooth_noise(rng, size, 6)
+    return field + roughness * smooth_noise(rng, size, 6)
 
 
 def lookup(grid, fy, fx):
@@ -252,17 +267,18 @@ PAINTERS = {'tumour': paint_tumour, 'necrosis': paint_necrosis, 'lymphocytes': p
 
 # ---- one patch ---------------------------------------------------------------------------------
 
-def draw_regions(rng, size, dataset):
+def draw_regions(rng, size, dataset, variant):
     """Mask (size, size) uint8 of class indices (4 = background): compartments at tissue scale,
-    no piece smaller than MIN_PIECE of the patch, every present class covering at least
-    MIN_FRACTION, at least one tissue class, background at most MAX_BACKGROUND."""
+    no piece smaller than MIN_PIECE of the patch, every present class covering at least the
+    variant's min_fraction, at least one tissue class, background at most MAX_BACKGROUND."""
     fields = {}
-    scale = rng.uniform(*REGION_SCALE)
-    k = rng.choice(len(TISSUES_PER_PATCH), p=TISSUES_PER_PATCH) + 1
+    scale = rng.uniform(*variant.region_scale)
+    k = rng.choice(len(variant.tissues_per_patch), p=variant.tissues_per_patch) + 1
     for tissue in rng.choice(TISSUES, k, replace=False):
-        fields[CLASS_INDEX[dataset][tissue]] = region_field(rng, size, scale) + rng.uniform(-0.5, 0.5)
+        fields[CLASS_INDEX[dataset][tissue]] = (region_field(rng, size, scale, variant.border_roughness)
+                                                + rng.uniform(-0.5, 0.5))
     if rng.random() < BACKGROUND_RATE[dataset]:
-        fields[BACKGROUND] = region_field(rng, size, scale) - 0.6
+        fields[BACKGROUND] = region_field(rng, size, scale, variant.border_roughness) - 0.6
     while True:
         mask = merge_small_pieces(largest_field(fields), int(MIN_PIECE * size * size))
         fraction = np.bincount(mask.ravel(), minlength=BACKGROUND + 1) / mask.size
@@ -270,7 +286,7 @@ def draw_regions(rng, size, dataset):
             fields[BACKGROUND] -= 0.2
             continue
         # Drop the smallest tissue below the threshold; the largest always has >= 0.55 / 4.
-        small = [c for c in fields if c != BACKGROUND and fraction[c] < MIN_FRACTION]
+        small = [c for c in fields if c != BACKGROUND and fraction[c] < variant.min_fraction]
         if not small:
             return mask
         del fields[min(small, key=lambda c: fraction[c])]
@@ -313,19 +329,19 @@ def blur3(x):
     return (x[:, :-2] + 2 * x[:, 1:-1] + x[:, 2:]) / 4
 
 
-def render(rng, h, e):
+def render(rng, h, e, variant):
     """Beer-Lambert: RGB = 255 exp(-(h * H_stain + e * E_stain)), with this patch's stains."""
-    stains = [s + rng.normal(0, 0.05, 3) for s in (STAIN_H, STAIN_E)]
+    stains = [np.array(s) + rng.normal(0, 0.05, 3) for s in (variant.stain_h, variant.stain_e)]
     stain_h, stain_e = [(s / np.linalg.norm(s)).astype(np.float32) for s in stains]
-    od = (rng.uniform(*STAIN_STRENGTH) * blur3(h)[:, :, None] * stain_h
-          + rng.uniform(*STAIN_STRENGTH) * blur3(e)[:, :, None] * stain_e + np.float32(0.02))
+    od = (rng.uniform(*variant.stain_strength) * blur3(h)[:, :, None] * stain_h
+          + rng.uniform(*variant.stain_strength) * blur3(e)[:, :, None] * stain_e + np.float32(0.02))
     rgb = 255 * np.exp(-od) + rng.uniform(-4, 4, od.shape).astype(np.float32)  # sensor noise
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
-def make_patch(rng, bank, size, dataset):
+def make_patch(rng, bank, size, dataset, variant=VARIANTS['default']):
     """(rgb uint8 (size, size, 3), mask uint8 (size, size))."""
-    mask = draw_regions(rng, size, dataset)
+    mask = draw_regions(rng, size, dataset, variant)
     h = np.zeros((size, size), np.float32)
     e = np.zeros((size, size), np.float32)
     for tissue in TISSUES:
@@ -338,7 +354,7 @@ def make_patch(rng, bank, size, dataset):
     # Glass: nearly no stain.
     glass = mask == BACKGROUND
     h[glass], e[glass] = 0.01, 0.03 + 0.01 * rng.random(glass.sum(), dtype=np.float32)
-    return render(rng, h, e), mask
+    return render(rng, h, e, variant), mask
 
 
 def patch_rng(seed, dataset, split, index):
@@ -359,7 +375,7 @@ def patch_name(dataset, split, index, label):
 
 # ---- dataset and figure -------------------------------------------------------------------------
 
-def write_dataset(out, dataset, size, counts, seed):
+def write_dataset(out, dataset, size, counts, seed, variant='default'):
     """Write every split into a temporary folder beside `out`, then rename it to `out`, so an
     interrupted run leaves no half dataset. Returns per-split class counts."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -378,7 +394,8 @@ def write_dataset(out, dataset, size, counts, seed):
                              else (os.path.join(split, 'img'), os.path.join(split, 'mask')))
             present = np.zeros(BACKGROUND, int)
             for index in range(counts[split]):
-                rgb, mask = make_patch(patch_rng(seed, dataset, split, index), bank, size, dataset)
+                rgb, mask = make_patch(patch_rng(seed, dataset, split, index), bank, size, dataset,
+                                       VARIANTS[variant])
                 label = label_from_mask(mask)
                 name = patch_name(dataset, split, index, label)
                 save_png(rgb, os.path.join(tmp, images, name))
@@ -444,7 +461,7 @@ def main(args):
     if args.out is not None:
         counts = {split: getattr(args, split) for split in SPLITS}
         start = time.perf_counter()
-        summary = write_dataset(args.out, args.dataset, args.size, counts, args.seed)
+        summary = write_dataset(args.out, args.dataset, args.size, counts, args.seed, args.variant)
         seconds = time.perf_counter() - start
         total = sum(counts.values())
         print(f'wrote {total} patches ({args.size} px) to {args.out} in {seconds:.1f} s '
@@ -464,6 +481,9 @@ def parse_args(argv=None):
     parser.add_argument('--val', type=int, default=60)
     parser.add_argument('--test', type=int, default=60)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--variant', choices=tuple(VARIANTS), default='default',
+                        help="generator settings; 'heldout': other compartment scale, borders, stains "
+                             "and class mix, to check a recipe on data it was not tuned on")
     parser.add_argument('--figure', help='also write an example figure (both datasets) to this PNG')
     parser.add_argument('--debug', action='store_true', help='show tracebacks of input errors')
     return parser.parse_args(argv)
