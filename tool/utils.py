@@ -1,6 +1,7 @@
 """Small pieces every training and inference script shares: devices, distributed set-up, seeds,
 run records, the metrics log, the poly schedule, non-finite loss detection, RNG state for resume."""
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -46,7 +47,17 @@ def init_distributed_mode(args):
         args.device = 'cpu'
     dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method='env://',
                             world_size=args.world_size, rank=args.rank)
+    # Leave the group while the interpreter is still whole: a group still alive at exit lets
+    # gloo's worker threads be torn down with it, which aborts the process now and then
+    # ("terminate called without an active exception"; measured: 1 run in 12 of the distributed
+    # stage-1 test).
+    atexit.register(leave_process_group)
     dist.barrier()
+
+
+def leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_dist():
