@@ -305,7 +305,8 @@ def run_chain(run, dataroot, dataset, config, extra, seed, sheet_patches):
 
     def stage2_argv(supervision, folder):
         return ['3_train_stage2.py', '--dataroot', data, '--dataset', dataset, *config['stage2'],
-                *length.get('stage2', []), *seeded, *extra['stage2'], '--supervision', supervision, '--savepath', os.path.join(run, folder)]
+                *length.get('stage2', []), *seeded, *extra['stage2'], '--supervision', supervision,
+                '--savepath', os.path.join(run, folder)]
 
     baseline_argv = [*stage2_argv('gt', 'fully_supervised'), '--Is_GM', 'False']
     ablation_argv = [*stage2_argv('bn7', 'ablation_bn7'), '--Is_GM', 'False']

@@ -9,12 +9,13 @@ truth of the train patches, which real datasets do not have), val/img, val/mask,
 test/mask. Masks are palette PNGs; 4 is white background (luad only).
 
 How a patch is made. The truth first, at tissue scale: a few tissue types get smooth random
-fields with features a few tens of pixels across (the variant's region_scale), and each pixel takes the largest (borders that
-wander by a few cells); connected pieces smaller than MIN_PIECE of the patch are merged into what
-surrounds them, and types covering less than min_fraction are dropped, so that the patch label
-(types present in the mask) names only visible tissue. Then the image, with a border exactly
-where the truth has one: each type fills its whole region with haematoxylin (H) and eosin (E)
-concentration maps of its own texture, its nuclei clipped to the region:
+fields with features a few tens of pixels across (the variant's region_scale), and each pixel
+takes the largest (borders that wander by a few cells); connected pieces smaller than MIN_PIECE
+of the patch are merged into what surrounds them, and types covering less than min_fraction are
+dropped, so that the patch label (types present in the mask) names only visible tissue. Then the
+image, with a border exactly where the truth has one: each type fills its whole region with
+haematoxylin (H) and eosin (E) concentration maps of its own texture, its nuclei clipped to the
+region:
     tumour       sheets of crowded, large vesicular nuclei on purple-pink cytoplasm
     necrosis     pale granular eosinophilic debris with clumps of small nuclear fragments
     lymphocytes  densely packed small, round, very dark nuclei
