@@ -22,7 +22,7 @@ from tool import infer
 from tool.checkpoint import read_state_dict
 from tool.data import CLASS_NAMES, PALETTES, read_mask, read_rgb
 from tool.gate import gate_classes, gated_prediction
-from tool.image_source import PixelArray, image_size, open_image
+from tool.image_source import PixelArray, image_size, open_image, reflect_pad
 from tool.io import run_cli, save_palette_png, save_png
 from tool.metrics import ConfusionMatrix, scores_to_json
 from tool.overlay import overlay
@@ -155,6 +155,60 @@ def test_strips_equal_blending_the_whole_image_in_memory(predictor):
     assert len(torch.unique(strips.argmax(0))) == 4
 
 
+
+class ContextLogits:
+    """A deterministic stand-in for a network whose output at a pixel depends on the tile around it
+    (its mean colour) and on the rest of its batch (the batch's mean), as a network's does in the
+    last bits (oneDNN picks kernels by batch): a resumed run that batched tiles differently, or
+    blended another tile's values, would not match to the bit. It records the tiles' rows."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, rgb):
+        self.calls.append(len(rgb))
+        x = torch.as_tensor(rgb).permute(0, 3, 1, 2).float() / 255
+        tile_mean = x.mean((2, 3), keepdim=True)
+        x = torch.cat((x, x.mean(1, keepdim=True)), 1) * 3 + tile_mean.sum(1, keepdim=True) * x.mean(1, keepdim=True)
+        return x + 0.37 * x.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize('height, width, tile, overlap', [(173, 90, 32, 8), (150, 70, 32, 20), (121, 50, 24, 21),
+                                                         (100, 40, 64, 16), (30, 40, 64, 16), (200, 33, 17, 0)])
+def test_a_run_started_at_any_row_yields_the_same_floats_as_a_run_from_the_top(height, width, tile, overlap):
+    """start_row (a slide resumed after a kill): the rows from there on are those of the run from
+    row 0, bit for bit, with and without skipped tiles (rows of tiles without any, too), for
+    overlaps under and over half a tile; only the rows of tiles that reach below start_row run again."""
+    from tool.sliding_window import resumed_tiles, tile_grid
+    rgb = random_image(height, width, seed=height + tile)
+    tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
+    rng = np.random.default_rng(tile * overlap)
+    drop = {(y, x) for y in ys for x in xs if rng.random() < 0.4} - {(0, xs[0])}
+    drop |= {(y, x) for y in ys[1:len(ys) // 2 + 1] for x in xs}  # whole rows of tiles skipped
+    for skip in (None, lambda y, x: (y, x) in drop):
+        whole = ContextLogits()
+        rows = list(blended_rows(PixelArray(rgb), whole, tile, overlap, batch_size=2, skip=skip))
+        full = torch.cat([probs for _, probs in rows], 1)
+        assert full.shape[1] == height
+        every_tile = {(y, x) for y in ys for x in xs if not (skip and skip(y, x))}
+        for start in sorted({*[y for y, _ in rows], 1, height // 3, height - 1, height, height + 5}):
+            resumed = ContextLogits()
+            part = list(blended_rows(PixelArray(rgb), resumed, tile, overlap, batch_size=2, skip=skip, start_row=start))
+            if start >= height:
+                assert part == [] and resumed.calls == []
+                continue
+            assert part[0][0] == start and all(y == start + sum(p.shape[1] for _, p in part[:i])
+                                               for i, (y, _) in enumerate(part))
+            assert torch.equal(torch.cat([probs for _, probs in part], 1), full[:, start:]), start
+            # run again: the rows of tiles reaching below start (with an overlap over half a tile,
+            # several), from the nearest above that predicts a tile if the first of them predicts none
+            reaching = min(y for y in ys if y + tile_h > start)
+            first = max(y for y in ys if y <= reaching and (y == 0 or any(t[0] == y for t in every_tile)))
+            assert first <= start and sum(resumed.calls) == sum(y >= first for y, _ in every_tile)
+            kept = resumed_tiles(height, width, tile, overlap, start, every_tile)
+            assert sum(resumed.calls) == len(every_tile) - kept
+
+
 MEMORY_PROBE = '''
 import json, resource, sys
 import numpy as np, torch
@@ -202,7 +256,7 @@ def test_folder_of_patches_writes_masks_overlays_areas_and_metrics(checkpoint, p
     images, truth = tmp_path / 'img', tmp_path / 'truth'
     rng = np.random.default_rng(0)
     patches = {f'patch{i}': random_image(TILE, TILE, seed=10 + i) for i in range(3)}
-    patches['small'] = random_image(40, 48, seed=20)  # another size: its own batch
+    patches['small'] = random_image(40, 48, seed=20)  # smaller than the tile: padded to it, cropped back
     for name, rgb in patches.items():
         save_png(rgb, images / f'{name}.png')
         save_palette_png(rng.integers(0, 5, rgb.shape[:2]), PALETTES['bcss'], truth / f'{name}.png')
@@ -222,7 +276,8 @@ def test_folder_of_patches_writes_masks_overlays_areas_and_metrics(checkpoint, p
         assert mask_image.mode == 'P' and mask_image.getpalette()[:15] == PALETTES['bcss']
         mask = np.asarray(mask_image)
         # whole patches: the argmax of the model's logits, as the reference's test phase
-        assert_argmax(mask, predictor(rgb[None])[0])
+        height, width = rgb.shape[:2]
+        assert_argmax(mask, predictor(reflect_pad(rgb, TILE, TILE)[None])[0, :, :height, :width])
         assert np.array_equal(read_rgb(out / 'overlays' / f'{name}.png'),
                               overlay(PixelArray(rgb), mask, PALETTES['bcss']))
         row = areas[name]
@@ -257,7 +312,8 @@ def test_gate_equals_gated_prediction_of_the_stage1_classifier(checkpoint, predi
     rgb = random_image(TILE, TILE, seed=5)
     save_png(rgb, tmp_path / 'img' / 'p.png')
 
-    cli(checkpoint, tmp_path / 'img', tmp_path / 'out', '--stage1', tmp_path / 'stage1.pth', '--gate', mode)
+    cli(checkpoint, tmp_path / 'img', tmp_path / 'out', '--stage1', tmp_path / 'stage1.pth', '--gate', mode,
+        '--white_background', 'none')  # the gate alone
 
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
@@ -295,7 +351,8 @@ def test_a_pyramid_level_through_openslide_equals_tiling_the_same_pixels(checkpo
     pytest.importorskip('openslide', reason='OpenSlide is optional: pip install -r requirements-wsi.txt')
     rgb = random_image(192, 256, seed=8)
     write_pyramid(tmp_path / 'slide.tif', rgb)
-    cli(checkpoint, tmp_path / 'slide.tif', tmp_path / 'out', '--level', level, '--no_tissue_detection')
+    cli(checkpoint, tmp_path / 'slide.tif', tmp_path / 'out', '--level', level, '--no_tissue_detection',
+        '--white_background', 'none')  # the network's tiles alone
     mask, overlaid = slide_outputs(tmp_path / 'out')
     pixels = tifffile.TiffFile(tmp_path / 'slide.tif').series[0].levels[level].asarray()
     assert mask.shape == (192 >> level, 256 >> level) == pixels.shape[:2]

@@ -265,7 +265,7 @@ def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch):
 
     # the best checkpoint: {state_dict, optimizer, epoch, best_pred, args}, best_pred = best val MIoU
     best = load_checkpoint(str(full / 'stage2_checkpoint_trained_on_luad.pth'))
-    assert set(best) == {'state_dict', 'optimizer', 'epoch', 'best_pred', 'args'}
+    assert set(best) == {'state_dict', 'optimizer', 'epoch', 'best_pred', 'args', 'input'}
     assert best['best_pred'] == max(r['miou'] for r in val(full / 'metrics.jsonl'))
     assert best['args']['backbone'] == 'resnet18'
 
@@ -308,3 +308,6 @@ def test_training_learns_the_tiny_data(data, tmp_path):
     losses = [json.loads(line)['loss'] for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
     assert len(losses) == 32 and all(math.isfinite(v) for v in losses)
     assert scores['no_gate']['miou'] > 0.35
+    # what inference needs to show the model what it learnt on
+    best = torch.load(tmp_path / 'stage2_checkpoint_trained_on_luad.pth', weights_only=True)
+    assert best['input'] == {'patch_size': [32, 32], 'mpp': 1.0}

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,9 +96,11 @@ class ColourClasses:
 
 
 def settings(out, *extra):
-    return infer.get_args_parser().parse_args(
+    args = infer.get_args_parser().parse_args(
         ['--checkpoint', 'unused', '--input', 'unused', '--out', str(out), '--tile', str(TILE),
          '--overlap', str(OVERLAP), *map(str, extra)])
+    infer.choose_model_input(args, {}, needs_mpp=False)  # as 4_infer.py does with a bare checkpoint
+    return args
 
 
 def expect_exit_2(capsys, *argv):
@@ -288,15 +291,15 @@ def test_simplified_rings_keep_every_corner_within_the_tolerance():
 
 # ---- areas ------------------------------------------------------------------------------------------
 
-def test_areas_in_mm2_fractions_of_the_tissue_and_the_tumour_stroma_ratio():
+def test_areas_in_mm2_fractions_of_the_tissue_and_the_slide_stroma_area_ratio():
     counts = np.array([100, 0, 50, 300, 10_000])  # TE, NEC, LYM, TAS, background (luad)
     row = areas(counts, mpp=2.0, class_names=('TE', 'NEC', 'LYM', 'TAS'), dataset='luad')
     assert row['tissue_mm2'] == '0.001800' and row['TAS_mm2'] == '0.001200' and row['NEC_mm2'] == '0.000000'
-    assert row['TE_fraction'] == f'{100 / 450:.6f}' and row['tumour_stroma_ratio'] == '0.750000'
-    assert row['stroma'] == 'high'
+    assert row['TE_fraction'] == f'{100 / 450:.6f}' and row['slide_stroma_area_ratio'] == '0.750000'
+    assert 'stroma' not in row  # no clinical high/low call from a slide-wide ratio
     bcss = areas(np.array([300, 100, 0, 0, 0]), None, ('TUM', 'STR', 'LYM', 'NEC'), 'bcss')
-    assert bcss['tumour_stroma_ratio'] == '0.250000' and bcss['stroma'] == 'low' and bcss['tissue_mm2'] == ''
-    assert areas(np.array([0, 0, 0, 0, 9]), 1.0, ('TE', 'NEC', 'LYM', 'TAS'), 'luad')['tumour_stroma_ratio'] == ''
+    assert bcss['slide_stroma_area_ratio'] == '0.250000' and bcss['tissue_mm2'] == ''
+    assert areas(np.array([0, 0, 0, 0, 9]), 1.0, ('TE', 'NEC', 'LYM', 'TAS'), 'luad')['slide_stroma_area_ratio'] == ''
 
 
 # ---- one slide, the network replaced by paint colours ------------------------------------------------
@@ -330,12 +333,12 @@ def test_a_slide_segments_only_its_tissue_into_a_tiff_geojson_and_table_at_level
     assert int(row['tiles_run']) + int(row['tiles_skipped']) == 11 * 8  # the 512 x 384 grid in 64-px tiles, 16 overlap
     assert int(row['tiles_skipped']) >= 20
 
-    # the table: resolution, areas in mm2 (1 um2 a pixel), fractions, tumour-stroma ratio
+    # the table: resolution, areas in mm2 (1 um2 a pixel), fractions, stroma area ratio
     counts = np.bincount(mask.ravel(), minlength=5)
     assert [row[c] for c in ('slide', 'mpp', 'level', 'width', 'height')] == ['painted', '1.0000', '1', '512', '384']
     assert float(row['tissue_mm2']) == counts[:4].sum() / 1e6 and float(row['TAS_mm2']) == counts[3] / 1e6
     assert float(row['TE_fraction']) == pytest.approx(counts[0] / counts[:4].sum(), abs=1e-6)
-    assert float(row['tumour_stroma_ratio']) == pytest.approx(counts[3] / (counts[0] + counts[3]), abs=1e-6)
+    assert float(row['slide_stroma_area_ratio']) == pytest.approx(counts[3] / (counts[0] + counts[3]), abs=1e-6)
     assert table(out / 'slides' / 'painted' / 'painted.csv') == [row]
     assert 'painted: 1.0000 um/px' in capsys.readouterr().out
 
@@ -389,7 +392,7 @@ def test_a_slide_without_tissue_is_a_valid_empty_result(tmp_path):
     [row] = table(tmp_path / 'out' / 'cohort.csv')
     assert network.tiles == [] and row['tiles_run'] == '0' and int(row['tiles_skipped']) > 0
     assert (tifffile.imread(mask_path) == BACKGROUND).all() and json.loads(geojson_path.read_text())['features'] == []
-    assert float(row['tissue_mm2']) == 0 and row['tumour_stroma_ratio'] == '' and row['TE_fraction'] == ''
+    assert float(row['tissue_mm2']) == 0 and row['slide_stroma_area_ratio'] == '' and row['TE_fraction'] == ''
 
 
 MEMORY_PROBE = """
@@ -452,7 +455,7 @@ def test_the_network_sees_the_resampled_tissue_tiles_as_blending_the_whole_box_w
     texture = random_image(768, 1024, seed=3)  # texture, so that the network's classes vary
     level0 = np.where(level0.min(2, keepdims=True) < 200, (level0 * 0.6 + texture * 0.4).astype(np.uint8), level0)
     write_slide(tmp_path / 'slide.tif', level0)
-    cli(checkpoint, tmp_path / 'slide.tif', tmp_path / 'out', '--mpp', 1.5)
+    cli(checkpoint, tmp_path / 'slide.tif', tmp_path / 'out', '--mpp', 1.5, '--white_background', 'none')
     mask = tifffile.imread(slide_files(tmp_path / 'out', 'slide')[0])
     [row] = table(tmp_path / 'out' / 'cohort.csv')
     assert (row['mpp'], row['level'], mask.shape) == ('1.5000', '1', (256, 341))  # level 1, reduced 1.5 times
@@ -581,6 +584,123 @@ def test_a_killed_run_redoes_only_the_slide_it_was_in(checkpoint, cohort, tmp_pa
     assert [r['slide'] for r in table(out / 'cohort.csv')] == ['a', 'b', 'c', 'd']
     for name, mask in masks.items():
         assert np.array_equal(tifffile.imread(slide_files(out, name)[0]), mask), name
+
+
+def test_a_killed_run_resumes_inside_the_slide_from_its_last_strip_to_the_same_mask(checkpoint, tmp_path, capsys):
+    """SIGKILL in the middle of a tall slide (a 1-um grid of 1200 x 96: 49 rows of tiles, an overlap
+    over half a tile, so that two or three rows of tiles above the row resumed at run again): the
+    rerun goes on from the progress record and the mask is an uninterrupted run's, byte for byte."""
+    height, width = 2400, 192  # level 0 at 0.5 um
+    rows, columns = np.mgrid[:height, :width]
+    tissue = (columns > 30 + 40 * np.sin(rows / 150)) & ~((rows > 1000) & (rows < 1400))  # glass between
+    level0 = np.where(tissue[..., None], random_image(height, width, seed=7) // 2 + PAINT[1] // 2, np.uint8(GLASS))
+    write_slide(tmp_path / 'tall.tif', level0)
+    flags = ['--device', 'cpu', '--tile', TILE, '--overlap', 40]
+    cli(checkpoint, tmp_path / 'tall.tif', tmp_path / 'whole', *flags)  # uninterrupted, in this process
+    assert 'resuming' not in capsys.readouterr().out
+    out = tmp_path / 'out'
+    argv = ['4_infer.py', '--checkpoint', checkpoint, '--input', tmp_path / 'tall.tif', '--out', out, *flags]
+    record = out / 'slides' / '.tall.partial' / '.progress.json'
+    run = start(argv, tmp_path / 'first.txt')
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert run.poll() is None and time.monotonic() < deadline, (tmp_path / 'first.txt').read_text()
+            try:
+                if json.loads(record.read_text())['rows'] >= 1200 // 3:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.005)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    finally:
+        run.kill()
+    assert not (out / 'slides' / 'tall').exists() and 'resuming' not in (tmp_path / 'first.txt').read_text()
+
+    again = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    [(row, grid_height, tiles_done)] = re.findall(r'^tall: resuming at row (\d+) of (\d+) \((\d+) tiles done\)$',
+                                                  again.stdout, re.M)
+    assert 1200 // 3 <= int(row) < int(grid_height) == 1200 and int(tiles_done) > 0
+    [resumed], [whole] = table(out / 'cohort.csv'), table(tmp_path / 'whole' / 'cohort.csv')
+    assert int(resumed['tiles_run']) > int(tiles_done)
+    timing = ('seconds', 'tiles_per_second')
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    mask = tifffile.imread(slide_files(out, 'tall')[0])
+    assert mask.shape == (1200, 96)
+    assert np.array_equal(mask, tifffile.imread(slide_files(tmp_path / 'whole', 'tall')[0]))
+    assert len(np.unique(mask)) == 5 and os.listdir(out / 'slides') == ['tall']  # no partial folder left
+    assert sorted(os.listdir(out / 'slides' / 'tall')) == sorted(os.listdir(tmp_path / 'whole' / 'slides' / 'tall'))
+
+
+class StopsAfter(ColourClasses):
+    """ColourClasses that stops the run (as Ctrl-C would) when it is given more than `tiles` tiles."""
+
+    def __init__(self, tiles):
+        super().__init__()
+        self.limit = tiles
+
+    def __call__(self, rgb):
+        if len(self.tiles) + len(rgb) > self.limit:
+            raise KeyboardInterrupt
+        return super().__call__(rgb)
+
+
+def test_a_killed_run_goes_on_only_with_the_same_fingerprint_and_not_under_overwrite(tmp_path, capsys):
+    """An interrupted slide keeps its partial folder and progress record; the rerun goes on from
+    it only if nothing the mask depends on changed (a setting, a new one too, the checkpoint file,
+    the slide file) and without --overwrite; otherwise the slide starts over from its first tile."""
+    from tool.cohort import mask_fingerprint
+    write_slide(tmp_path / 'painted.tif', painted_slide()[0])
+    (tmp_path / 'weights.pth').write_bytes(b'weights')
+    slides = [('painted', str(tmp_path / 'painted.tif'))]
+    out, partial = tmp_path / 'out', tmp_path / 'out' / 'slides' / '.painted.partial'
+    base = ['--checkpoint', tmp_path / 'weights.pth']
+    run_cohort(slides, ColourClasses(), settings(tmp_path / 'whole', *base))
+    mask = tifffile.imread(slide_files(tmp_path / 'whole', 'painted')[0])
+    [row] = table(tmp_path / 'whole' / 'cohort.csv')
+    total = int(row['tiles_run'])
+
+    def interrupted(*extra):
+        with pytest.raises(KeyboardInterrupt):
+            run_cohort(slides, StopsAfter(total // 2), settings(out, *base, *extra))
+        assert json.loads((partial / '.progress.json').read_text())['rows'] > 0
+        assert not (out / 'slides' / 'painted').exists()
+
+    def rerun(*extra):
+        network = ColourClasses()
+        run_cohort(slides, network, settings(out, *base, *extra))
+        assert np.array_equal(tifffile.imread(slide_files(out, 'painted')[0]), mask) and not partial.exists()
+        timing = ('seconds', 'tiles_per_second')
+        assert {k: v for k, v in table(out / 'cohort.csv')[0].items() if k not in timing} == \
+            {k: v for k, v in row.items() if k not in timing}
+        resumed = re.findall(r'^painted: resuming at row (\d+) of 384 \((\d+) tiles done\)$',
+                             capsys.readouterr().out, re.M)
+        assert len(network.tiles) == total - (int(resumed[0][1]) if resumed else 0)
+        return resumed
+
+    interrupted()
+    [(_, done)] = rerun()  # went on from the record
+    assert 0 < int(done) < total
+    shutil.rmtree(out / 'slides' / 'painted')
+    for changed in (['--batch_size', 5], ['--overwrite']):  # the paint colours' mask is the same
+        interrupted()
+        assert rerun(*changed) == []  # started over: every tile run again
+        shutil.rmtree(out / 'slides' / 'painted')
+
+    # the fingerprint: what the mask depends on, not where it goes or how fast it is made
+    def fingerprint(*extra, path=slides[0][1], **new):
+        args = settings(out, *base, *extra)
+        vars(args).update(new)
+        return mask_fingerprint(path, args, ColourClasses())
+    same = fingerprint()
+    assert same == fingerprint('--out', tmp_path / 'elsewhere', '--workers', 7, '--overwrite', '--debug', rank=3)
+    assert len({same, fingerprint('--batch_size', 3), fingerprint('--dataset', 'bcss'), fingerprint(new_flag=1),
+                fingerprint(path=str(tmp_path / 'weights.pth'))}) == 5
+    os.utime(tmp_path / 'weights.pth', ns=(0, 0))  # a checkpoint rewritten in place
+    assert fingerprint() != same
 
 
 def test_two_processes_under_torchrun_share_the_slides_and_complete_the_table(checkpoint, cohort, tmp_path):

@@ -10,7 +10,12 @@ Writes under settings.out:
 
 A slide's outputs are made in slides/.<name>.partial/, and the folder is renamed into place when
 everything is written: a slide folder is always complete. A rerun skips finished slides (unless
---overwrite), and a killed run redoes only the slide it was in (its partial folder is cleared).
+--overwrite), and a killed run continues the slide it was in from its last finished strip of
+tiles: the partial folder holds the mask's rows done so far and a progress record (rows, label
+counts, tiles) under a fingerprint of everything the mask depends on (the slide and checkpoint
+files, the settings but those in MASK_NEUTRAL, the device, the library versions). The mask comes
+out byte for byte as an uninterrupted run's (tool/sliding_window.py). Another fingerprint, a bad
+slide or --overwrite clears the partial folder: the slide starts from its first tile.
 
 Under torchrun, process r of n takes slides r, r + n, r + 2n, ... of the list (the same list in
 every process, finished slides included, so no slide is taken twice). After each slide a process
@@ -20,17 +25,28 @@ writes the whole table. Nothing waits for the others: one process may take hours
 import contextlib
 import csv
 import fcntl
+import hashlib
 import io
+import json
 import os
 import shutil
 
+import numpy as np
+import torch
+
 from tool.io import InputError, save_text
+from tool.label_raster import Progress
 from tool.slide_inference import segment_slide, slide_plan
 from tool.slide_reader import WholeSlide
 from tool.utils import get_rank, get_world_size
 
 TABLE = 'cohort.csv'
 SLIDE_LIST_COLUMNS = ('path', 'slide')
+# Settings that cannot change a mask: left out of its fingerprint, so that a killed run resumed with
+# another of them (another --out spelling, more workers, under torchrun or not) goes on. Every other
+# setting is in it, a new flag too: by default a different value starts the slide over.
+MASK_NEUTRAL = frozenset({'input', 'out', 'masks', 'workers', 'overwrite', 'debug', 'geojson_tolerance',
+                          'device', 'distributed', 'rank', 'world_size', 'gpu', 'dist_url'})
 
 
 def read_slide_list(path):
@@ -85,18 +101,49 @@ def check_slide(path, settings):
 def segment_slide_atomically(path, name, predictor, settings, folder):
     partial = os.path.join(folder, f'.{name}.partial')
     final = os.path.join(folder, name)
-    shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+    fingerprint = mask_fingerprint(path, settings, predictor)
+    if settings.overwrite or Progress(partial, fingerprint).record is None:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed run with other settings, or nothing to go on
+    else:  # going on: only the rows done and their record are kept (not an output or a temporary file half written)
+        for entry in set(os.listdir(partial)) - {Progress.RASTER, Progress.RECORD}:
+            entry = os.path.join(partial, entry)
+            if os.path.isdir(entry):
+                shutil.rmtree(entry)
+            else:
+                os.remove(entry)
     try:
-        os.makedirs(partial)
+        os.makedirs(partial, exist_ok=True)
     except OSError as e:
         raise InputError(f'{folder}: cannot write here ({e.strerror})') from None
     try:
-        row = segment_slide(path, name, predictor, settings, partial)
+        row = segment_slide(path, name, predictor, settings, partial, fingerprint)
         save_text(table_text([row]), os.path.join(partial, f'{name}.csv'))
         replace_folder(partial, final)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as e:
+        # kept to go on from (Ctrl-C, out of memory, ...) unless the slide itself is bad or nothing is done
+        if isinstance(e, InputError) or Progress(partial, fingerprint).record is None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     return row
+
+
+def mask_fingerprint(path, settings, predictor):
+    """A hash of everything a slide's mask depends on: the slide file, the settings but MASK_NEUTRAL
+    (a file they name, such as the checkpoint, by its path, size and modification time), the
+    predictor's device and precision, the library versions."""
+    def identity(value):
+        if isinstance(value, str) and os.path.isfile(value):
+            status = os.stat(value)
+            return {'file': os.path.abspath(value), 'size': status.st_size, 'mtime_ns': status.st_mtime_ns}
+        return value
+    device = getattr(predictor, 'device', None)
+    state = {'slide': identity(path),
+             'settings': {k: identity(v) for k, v in sorted(vars(settings).items()) if k not in MASK_NEUTRAL},
+             'device': str(device), 'amp_dtype': str(getattr(predictor, 'amp_dtype', None)),
+             'gpu': torch.cuda.get_device_name(device) if isinstance(device, torch.device) and device.type == 'cuda'
+             else None,
+             'versions': {'torch': torch.__version__, 'numpy': np.__version__}}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def replace_folder(new, final):

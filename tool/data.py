@@ -31,6 +31,10 @@ CLASS_NAMES['custom'] = CLASS_NAMES['luad']
 PALETTES['custom'] = PALETTES['luad']
 BACKGROUND = 4
 N_CLASS = 4
+# um per pixel the released datasets were cut at (LUAD-HistoSeg at 10x; BCSS-WSSS's file names say
+# MPP-0.2500). A custom dataset's resolution is the user's to give.
+TRAINING_MPP = {'luad': 1.0, 'bcss': 0.25}
+REFERENCE_PATCH_SIZE = 224  # both datasets' patches: what the released checkpoints learnt on
 
 # The two naming styles of the released datasets: the label is the text between the last '['
 # and the first ']' after it; LUAD-HistoSeg writes '[1 0 0 1]', BCSS-WSSS writes '[1001]'.

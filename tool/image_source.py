@@ -63,6 +63,28 @@ class PixelArray(RowSource):
         return self.pixels[y:y + rows]
 
 
+def reflect_pad(rgb, height, width):
+    """uint8 (>= height, >= width, 3): `rgb` mirrored past its bottom and right edges up to that
+    size (numpy's 'reflect', repeated for an image less than half as large)."""
+    return np.pad(rgb, ((0, max(0, height - rgb.shape[0])), (0, max(0, width - rgb.shape[1])), (0, 0)),
+                  mode='reflect')
+
+
+class ReflectPadded(RowSource):
+    """`image` (a RowSource) extended by reflection to at least `size` x `size`: a network then sees
+    inputs of the size it learnt on even where the image is smaller. Rows and columns beyond the
+    image are its mirror; crop them off the result."""
+
+    def __init__(self, image, size):
+        self.image = image
+        self.height, self.width = max(image.height, size), max(image.width, size)
+
+    def read(self, y, rows):
+        if self.image.height < self.height:  # less than a tile tall: the whole image is one strip
+            return reflect_pad(self.image.read(0, self.image.height), self.height, self.width)[y:y + rows]
+        return reflect_pad(self.image.read(y, rows), 0, self.width)
+
+
 def is_slide(path):
     """Whole-slide formats, and TIFF files that hold a resolution pyramid."""
     extension = os.path.splitext(path)[1].lower()

@@ -11,10 +11,19 @@ atomically (a finished image is skipped on the next run unless --overwrite):
     areas.csv             every mask in masks/: pixel count and area fraction of each class
     metrics.json          with --masks: scores against the ground-truth masks (background 4 excluded)
 
-Images that fit in one --tile are predicted whole, many to a batch, exactly as the reference's
-test phase does. Larger ones are cut into overlapping tiles whose predictions are blended strip by
-strip (tool/sliding_window.py), so memory grows with the image width, never with its area times
-the classes.
+The model sees every pixel at the size it was trained on (--tile, by default the patch size
+recorded in the checkpoint): DeepLab's image-level pooling makes each pixel's prediction depend
+on the input's extent, so a model trained on 96 px patches and run on 224 px inputs paints other
+tissue. Images of one tile or smaller are predicted whole, many to a batch (a smaller one padded
+to the tile by reflection, the padding cropped off), exactly as the reference's test phase does
+for its 224 px patches. Larger ones are cut into overlapping tiles whose predictions are blended
+strip by strip (tool/sliding_window.py), so memory grows with the image width, never with its
+area times the classes.
+
+White non-tissue (air in alveoli and lumens, glass) is background (4) as in the dataset's labels:
+the pseudo-mask rule (tool/pseudo_mask.py: grey > 200, specks under 50 px kept) is applied to
+each tile at the model's resolution, for LUAD-style data; BCSS-style data keep white as tissue
+(fat), as its labels do. --white_background decides it otherwise.
 
 Whole slides (.svs, .ndpi, ..., pyramidal TIFF; a folder or a CSV list of them) are segmented at
 the model's resolution, tissue only, into slides/<name>/ and one cohort.csv: tool/cohort.py and
@@ -32,16 +41,17 @@ from tqdm import tqdm
 
 from network.deeplab import CLASSIFIER, deeplab_from_state_dict
 from network.resnet38_cls import Net as Stage1Net
-from tool.checkpoint import read_state_dict
+from tool.checkpoint import extract_state_dict, load_checkpoint, read_state_dict
 from tool.cohort import read_slide_list, run_cohort
-from tool.data import CLASS_NAMES, PALETTES, read_mask
+from tool.data import CLASS_NAMES, PALETTES, REFERENCE_PATCH_SIZE, TRAINING_MPP, read_mask
 from tool.gate import GATE_MODES, GATE_THRESHOLD, gate_classes, gated_logits
-from tool.image_source import EXTENSIONS, PixelArray, image_size, is_slide, large_images_allowed, open_image
+from tool.image_source import (EXTENSIONS, PixelArray, ReflectPadded, image_size, is_slide, large_images_allowed,
+                               open_image, reflect_pad)
 from tool.io import InputError, save_palette_png, save_png, save_text
 from tool.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.overlay import overlay
+from tool.pseudo_mask import background_mask, uses_white_background
 from tool.slide_outputs import label_counts
-from tool.slide_reader import MODEL_MPP
 from tool.sliding_window import argmax, blended_rows
 from tool.tissue import CLOSING_UM, MIN_AREA_UM2
 from tool.utils import (autocast_dtype, configure_cuda_speed, data_workers, init_distributed_mode, is_main_process,
@@ -70,9 +80,16 @@ def get_args_parser():
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     parser.add_argument('--batch_size', type=int, default=16, help='images or tiles per forward pass')
     parser.add_argument('--workers', type=int, default=2, help='processes reading patch-sized images')
-    parser.add_argument('--tile', type=int, default=224,
-                        help='images up to this size go through whole; larger ones in tiles of this size')
-    parser.add_argument('--overlap', type=int, default=32, help='minimum overlap of neighbouring tiles (pixels)')
+    parser.add_argument('--tile', type=int,
+                        help='pixels on a side of what the network sees: images up to this size go through whole '
+                             '(padded), larger ones in tiles of this size (default: the patch size the model was '
+                             f'trained on, recorded in our checkpoints; {REFERENCE_PATCH_SIZE}, the reference\'s, '
+                             'for checkpoints that record none)')
+    parser.add_argument('--overlap', type=int,
+                        help='minimum overlap of neighbouring tiles in pixels (default: a seventh of the tile, 32 at 224)')
+    parser.add_argument('--white_background', default='auto', choices=('auto', 'white', 'none'),
+                        help='white non-tissue (grey > 200, specks under 50 px kept) becomes background 4: auto = for '
+                             'luad and custom, not for bcss (white fat is tissue there), as the pseudo-masks')
     parser.add_argument('--output_stride', type=int, default=16, choices=(8, 16),
                         help='DeepLab output stride the checkpoint was trained with (not stored in it)')
     parser.add_argument('--amp', action='store_true',
@@ -86,8 +103,9 @@ def get_args_parser():
 
 def add_slide_args(group):
     group.add_argument('--mpp', type=float,
-                       help='um per pixel to segment at: the resolution the model was trained at (default by '
-                            f'--dataset: {", ".join(f"{k} {v:g}" for k, v in MODEL_MPP.items())}). Tiles are read '
+                       help='um per pixel to segment at: the resolution the model was trained at (default: '
+                            'recorded in our checkpoints, else by --dataset: '
+                            f'{", ".join(f"{k} {v:g}" for k, v in TRAINING_MPP.items())}; custom: give it). Tiles are read '
                             'from the nearest pyramid level at or finer than that and resampled')
     group.add_argument('--slide_mpp', type=float,
                        help="um per level-0 pixel of the slides, overriding their metadata (for slides without it)")
@@ -116,7 +134,9 @@ def main(args):
         images = [job for job in jobs if job not in slides]
         truth = truth_paths(args.masks, [name for name, _ in images]) if args.masks and images else None
         device = resolve_device(args.device)
-        predictor = load_predictor(args, device, len(CLASS_NAMES[args.dataset]))
+        checkpoint = load_checkpoint(args.checkpoint)
+        choose_model_input(args, recorded_input(checkpoint), needs_mpp=bool(slides) and args.level is None)
+        predictor = load_predictor(args, checkpoint, device, len(CLASS_NAMES[args.dataset]))
         if images and is_main_process():
             segment_images(images, predictor, truth, args)
         if slides:
@@ -155,10 +175,10 @@ def check_args(args):
         raise InputError('--gate: the classification gate needs the stage-1 classifier (--stage1 PATH)')
     if args.stage1 and not args.gate:
         args.gate = 'multiply'
-    if args.tile < 16:
+    if args.tile is not None and args.tile < 16:
         raise InputError(f'--tile {args.tile}: at least 16 pixels (DeepLab reduces its input 16 times)')
-    if not 0 <= args.overlap < args.tile:
-        raise InputError(f'--overlap {args.overlap}: must lie in 0 .. --tile - 1 ({args.tile - 1})')
+    if args.overlap is not None and args.overlap < 0:
+        raise InputError(f'--overlap {args.overlap}: must be at least 0')
     for flag, value, least in (('--batch_size', args.batch_size, 1), ('--workers', args.workers, 0),
                                ('--level', args.level, 0), ('--tissue_closing', args.tissue_closing, 0),
                                ('--tissue_min_area', args.tissue_min_area, 0)):
@@ -216,8 +236,53 @@ def truth_paths(folder, names):
     return paths
 
 
-def load_predictor(args, device, n_class):
-    segmenter = deeplab_from_state_dict(read_state_dict(args.checkpoint), args.output_stride, path=args.checkpoint)
+def recorded_input(checkpoint):
+    """What a stage-2 checkpoint of ours records of its training patches ({'patch_size': [h, w],
+    'mpp': um per pixel or None}, tool.stage2.training_input); {} for released and bare ones."""
+    record = checkpoint.get('input') if isinstance(checkpoint, dict) else None
+    return record if isinstance(record, dict) else {}
+
+
+def choose_model_input(args, record, needs_mpp):
+    """Settle --tile, --overlap and the resolution to segment slides at (args.model_mpp) from the
+    flags and what the checkpoint records; say on one line which tile and why, and warn where a
+    flag differs from what the model learnt on."""
+    learnt = max(record['patch_size']) if record.get('patch_size') else None
+    model_tile = learnt or REFERENCE_PATCH_SIZE
+    if learnt:
+        why = f'the patch size the model was trained on (recorded in {args.checkpoint})'
+    else:
+        why = f"the reference's patch size ({args.checkpoint} records none: a released or bare checkpoint)"
+    if args.tile is None:
+        args.tile = model_tile
+    elif args.tile != model_tile:
+        why = 'as --tile asks'
+        learnt_how = 'was trained on' if learnt else "is taken to know (the reference's)"
+        notice(f'warning: --tile {args.tile} differs from the {model_tile} px patches the model {learnt_how}: '
+               "DeepLab's image-level pooling makes every pixel depend on the input's extent, so predictions "
+               'at another size are worse')
+    if args.overlap is None:
+        args.overlap = round(args.tile / 7)
+    if not 0 <= args.overlap < args.tile:
+        raise InputError(f'--overlap {args.overlap}: must lie in 0 .. --tile - 1 ({args.tile - 1})')
+    notice(f'tiles of {args.tile} x {args.tile} px, overlap {args.overlap}: {why}')
+    recorded_mpp = record.get('mpp')
+    if args.mpp and recorded_mpp and abs(args.mpp - recorded_mpp) > 0.01 * recorded_mpp:
+        notice(f'warning: --mpp {args.mpp:g} differs from the {recorded_mpp:g} um per pixel the model was trained at')
+    args.model_mpp = args.mpp or recorded_mpp or TRAINING_MPP.get(args.dataset)
+    if needs_mpp and args.model_mpp is None:
+        raise InputError(f'{args.checkpoint}: the resolution the model was trained at is unknown (--dataset '
+                         f'{args.dataset}, and the checkpoint records none); give --mpp (um per pixel) or --level')
+
+
+def notice(line):
+    if is_main_process():
+        print(line)
+
+
+def load_predictor(args, checkpoint, device, n_class):
+    state_dict = extract_state_dict(checkpoint, args.checkpoint)
+    segmenter = deeplab_from_state_dict(state_dict, args.output_stride, path=args.checkpoint)
     found = segmenter.state_dict()[CLASSIFIER[0]].shape[0]
     if found != n_class:
         raise InputError(f'{args.checkpoint}: predicts {found} classes, --dataset {args.dataset} has {n_class}')
@@ -227,8 +292,8 @@ def load_predictor(args, device, n_class):
         found = classifier.fc8.weight.shape[0]
         if found != n_class:
             raise InputError(f'{args.stage1}: classifies {found} classes, the stage-2 checkpoint {n_class}')
-    return Predictor(segmenter, device, classifier, args.gate, args.gate_threshold,
-                     inference_dtype(args.amp, device))
+    return Predictor(segmenter, device, classifier, args.gate, args.gate_threshold, inference_dtype(args.amp, device),
+                     white_background=uses_white_background(args.dataset, args.white_background))
 
 
 def inference_dtype(amp, device):
@@ -246,15 +311,20 @@ def inference_dtype(amp, device):
 class Predictor:
     """uint8 RGB (B, H, W, 3) -> stage-2 logits (B, C, H, W) on the device, gated by the stage-1
     classifier's verdict on the same pixels when one is given. Input scaling as in training:
-    RGB / 255, no mean/std."""
+    RGB / 255, no mean/std. With white_background, a background channel is appended (C + 1
+    channels): white non-tissue of each input (tool.pseudo_mask.background_mask) gets -inf for
+    every class and 0 for background, everything else -inf for background, so the argmax, and the
+    softmax that tiles are blended by, make white background and leave the rest to the classes."""
 
-    def __init__(self, segmenter, device, classifier=None, gate=None, threshold=GATE_THRESHOLD, amp_dtype=None):
+    def __init__(self, segmenter, device, classifier=None, gate=None, threshold=GATE_THRESHOLD, amp_dtype=None,
+                 white_background=False):
         # On CUDA channels_last (also what the images already are) and cuDNN autotuning (every
         # batch has the same tile size); on the CPU plain NCHW keeps results equal to the reference's.
         self.memory_format = configure_cuda_speed(device)
         self.segmenter = segmenter.to(device, memory_format=self.memory_format).eval()
         self.classifier = None if classifier is None else classifier.to(device, memory_format=self.memory_format).eval()
         self.device, self.gate, self.threshold, self.amp_dtype = device, gate, threshold, amp_dtype
+        self.white_background = white_background
 
     @torch.inference_mode()
     def __call__(self, rgb):
@@ -265,54 +335,56 @@ class Predictor:
         x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.segmenter(x).float()
-        if self.classifier is None:
+        if self.classifier is not None:
+            # The classifier runs in full precision: the 0.1 threshold on its sigmoid is sensitive.
+            logits = gated_logits(logits, gate_classes(self.classifier(x), self.threshold), self.gate)
+        if not self.white_background:
             return logits
-        # The classifier runs in full precision: the 0.1 threshold on its sigmoid is sensitive.
-        return gated_logits(logits, gate_classes(self.classifier(x), self.threshold), self.gate)
+        white = torch.from_numpy(np.stack([background_mask(image) for image in rgb.cpu().numpy()]))
+        white = white.to(self.device)[:, None]
+        background = torch.zeros_like(logits[:, :1]).masked_fill(~white, float('-inf'))
+        return torch.cat([logits.masked_fill(white, float('-inf')), background], 1)
 
 
 class WholeImages(torch.utils.data.Dataset):
-    """Images read whole (they fit in one tile), in DataLoader worker processes."""
+    """Images of at most a tile, read whole in DataLoader worker processes and padded to the tile."""
 
-    def __init__(self, paths, level):
-        self.paths, self.level = paths, level
+    def __init__(self, paths, level, tile):
+        self.paths, self.level, self.tile = paths, level, tile
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         with open_image(self.paths[index], self.level) as image:
-            return index, torch.from_numpy(image.read(0, image.height).copy())
-
-
-def same_size_batches(sizes, batch_size):
-    """Index batches of at most batch_size images, all of one size within a batch."""
-    by_size = {}
-    for index, size in enumerate(sizes):
-        by_size.setdefault(size, []).append(index)
-    return [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+            return index, torch.from_numpy(reflect_pad(image.read(0, image.height), self.tile, self.tile))
 
 
 def segment_whole(predictor, jobs, outputs, args, bar):
-    """Images that fit in one tile: whole, batched, argmax of the (gated) logits as the reference."""
+    """Images of at most a tile: whole, batched, argmax of the (gated) logits as the reference; an
+    image smaller than the tile is padded to it and its labels cropped back."""
     if not jobs:
         return
     names, paths, sizes = zip(*jobs)
     loader = torch.utils.data.DataLoader(
-        WholeImages(paths, args.level), batch_sampler=same_size_batches(sizes, args.batch_size),
+        WholeImages(paths, args.level, args.tile), batch_size=args.batch_size,
         num_workers=data_workers(args.workers), pin_memory=predictor.device.type == 'cuda')
     for indices, rgb in loader:
         labels = argmax(predictor(rgb), dim=1)
         for i, index in enumerate(indices.tolist()):
-            outputs.save(names[index], labels[i], PixelArray(rgb[i].numpy()))
+            height, width = sizes[index]
+            outputs.save(names[index], labels[i, :height, :width], PixelArray(rgb[i, :height, :width].numpy()))
             bar.update()
 
 
 def segment_tiled(predictor, image, args, name):
-    """uint8 (H, W) labels of an image larger than a tile: blended tiles, filled strip by strip."""
+    """uint8 (H, W) labels of an image larger than a tile: blended tiles, filled strip by strip (an
+    image less than a tile in one direction is padded to it there)."""
     labels = np.empty((image.height, image.width), np.uint8)
     with tqdm(total=image.height, unit='row', desc=name, leave=False) as rows:
-        for y, probs in blended_rows(image, predictor, args.tile, args.overlap, args.batch_size):
+        for y, probs in blended_rows(ReflectPadded(image, args.tile), predictor, args.tile, args.overlap,
+                                     args.batch_size):
+            probs = probs[:, :image.height - y, :image.width]
             labels[y:y + probs.shape[1]] = argmax(probs, dim=0)
             rows.update(probs.shape[1])
     return labels

@@ -2,7 +2,7 @@
 
 - regions as GeoJSON for QuPath: one feature per connected region of each class, its holes kept,
   in level-0 pixel coordinates, with QuPath's classification (name and colour);
-- areas: mm2 and fraction of the tissue of each class, and the tumour-stroma ratio;
+- areas: mm2 and fraction of the tissue of each class, and the whole-slide stroma area ratio;
 - an overlay thumbnail to look at.
 
 All read the mask from its LabelRaster, row by row or on a sampled grid.
@@ -19,10 +19,12 @@ from tool.io import save_png, save_text
 from tool.overlay import overlay
 from tool.slide_reader import SlideView
 
-# The tumour-stroma ratio (TSR) as pathology reports it: stroma area / (tumour + stroma area);
-# "stroma-high" above 50 %. The classes each dataset calls tumour and stroma:
+# The whole-slide stroma area ratio, stroma / (tumour + stroma) over all the slide's tissue. It is
+# NOT the clinical tumour-stroma ratio (TSR), which a pathologist scores by eye in the single most
+# stroma-rich field (about 10x, 2-3 mm across) at the tumour's invasive front and calls
+# "stroma-high" above 50 %: a slide-wide average dilutes that field, so no high/low call is made
+# from it. The classes each dataset calls tumour and stroma:
 TUMOUR_STROMA = {'luad': ('TE', 'TAS'), 'bcss': ('TUM', 'STR'), 'custom': ('TE', 'TAS')}
-STROMA_HIGH = 0.5
 OVERLAY_SIZE = 2048  # pixels on the longer side of the overlay thumbnail (or the mask's own, if smaller)
 
 
@@ -35,7 +37,7 @@ def label_counts(labels):
 
 def area_columns(class_names):
     return ['tissue_mm2', *[f'{c}_{what}' for c in class_names for what in ('mm2', 'fraction')],
-            'tumour_stroma_ratio', 'stroma']
+            'slide_stroma_area_ratio']
 
 
 def areas(counts, mpp, class_names, dataset):
@@ -49,8 +51,7 @@ def areas(counts, mpp, class_names, dataset):
         row[f'{name}_fraction'] = f'{counts[index] / tissue:.6f}' if tissue else ''
     tumour, stroma = (int(counts[class_names.index(c)]) for c in TUMOUR_STROMA[dataset])
     ratio = stroma / (tumour + stroma) if tumour + stroma else None
-    row['tumour_stroma_ratio'] = '' if ratio is None else f'{ratio:.6f}'
-    row['stroma'] = '' if ratio is None else ('high' if ratio > STROMA_HIGH else 'low')
+    row['slide_stroma_area_ratio'] = '' if ratio is None else f'{ratio:.6f}'
     return row
 
 

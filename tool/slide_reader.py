@@ -13,9 +13,8 @@ SAME_SCALE: scanners store downsamples like 4.000235), the level's pixels come a
 The filter's weights of a grid pixel depend only on its index, so a region equals the same rows
 and columns of the whole level resampled at once, to the bit: tiles and strips have no seams.
 
-The model's magnification: the datasets were cut at fixed resolutions (LUAD-HistoSeg at 10x, about
-1 um per pixel; BCSS-WSSS at 0.25 um per pixel, its file names say MPP-0.2500), and a network sees
-tissue at another resolution as other tissue. `segmentation_grid` turns --mpp (the resolution to
+The model's magnification: the datasets were cut at fixed resolutions (tool.data.TRAINING_MPP), and
+a network sees tissue at another resolution as other tissue. `segmentation_grid` turns --mpp (the resolution to
 segment at), --slide_mpp (a level-0 resolution overriding the slide's metadata) and --level (a
 pyramid level as it is) into the grid to read.
 """
@@ -27,7 +26,6 @@ from scipy import sparse
 from tool.image_source import RowSource
 from tool.io import InputError
 
-MODEL_MPP = {'luad': 1.0, 'bcss': 0.25, 'custom': 1.0}  # um per pixel of the training patches
 SAME_SCALE = 1e-3  # relative difference between a grid and a level below which nothing is resampled
 # --mpp may ask for up to 10 % finer than level 0: "40x" scanners give 0.23 to 0.26 um per pixel,
 # and a model trained at 0.25 should run on all of them. Finer than that would invent detail.

@@ -14,6 +14,11 @@ Tiles can be skipped (whole slides: tiles without tissue): they are not predicte
 a row of tiles that is skipped entirely is not even read, and pixels that no predicted tile
 covers come out with probability 0 for every class.
 
+A run can start at any image row (start_row: a slide resumed after a kill): it predicts again only
+the rows of tiles that reach below start_row, in the same batches, and yields rows from start_row
+on. Those rows' accumulators receive the same values in the same order from zero as in a run from
+the top, so the probabilities are the same floats, bit for bit.
+
     for y, probs in blended_rows(image, predict_logits, tile=224, overlap=32):
         labels[y:y + probs.shape[1]] = probs.argmax(0)       # probs: (C, rows, width)
 """
@@ -49,27 +54,60 @@ def blend_window(height, width, overlap):
     return ramp(height)[:, None] * ramp(width)[None, :]
 
 
-def blended_rows(image, predict_logits, tile, overlap, batch_size=16, skip=None):
+def first_tile_row(ys, tile_h, start_row, predicts=None):
+    """Index into the row starts `ys` of the first row of tiles a run yielding rows from start_row on
+    must predict: the first whose tiles reach below start_row (with an overlap over half a tile,
+    several rows of tiles above start_row do), or the nearest row above it that predicts a tile
+    (predicts(i) -> bool) if it predicts none, so that the accumulators start as in a run from the
+    top (tiles above start_row add nothing below it). len(ys) if start_row is past the image."""
+    first = next((i for i, y in enumerate(ys) if y + tile_h > start_row), len(ys))
+    if predicts is not None and first < len(ys):
+        first = next((i for i in range(first, -1, -1) if predicts(i)), first)
+    return first
+
+
+def resumed_tiles(height, width, tile, overlap, start_row, predicted):
+    """How many of the tiles `predicted` ({(y, x)}) lie above the first row of tiles that
+    blended_rows(..., start_row=start_row) predicts: the tiles a resumed run does not run again."""
+    tile_h, _, ys, _ = tile_grid(height, width, tile, overlap)
+    rows = {y for y, _ in predicted}
+    first = first_tile_row(ys, tile_h, start_row, lambda i: ys[i] in rows)
+    top = ys[first] if first < len(ys) else height
+    return sum(y < top for y, _ in predicted)
+
+
+def blended_rows(image, predict_logits, tile, overlap, batch_size=16, skip=None, start_row=0):
     """Yield (y, probs): blended class probabilities (C, rows, width) of image rows y .. y + rows,
-    top to bottom, each row exactly once.
+    top to bottom, each row from start_row on exactly once.
 
     image: has .height, .width and .read(y, rows) -> uint8 (rows, width, 3).
     predict_logits: uint8 (B, h, w, 3) -> logits (B, C, h, w) (any device; accumulation happens there).
     skip: optional (y, x) -> True for a tile (top-left corner y, x) not to predict; asked once per
     tile. The first row of tiles must predict one (it tells the classes and the device).
     Tiles of one row of tiles are batched `batch_size` at a time; the next strip of the image is
-    read in a background thread while the current one is predicted (slides are read from disk)."""
+    read in a background thread while the current one is predicted (slides are read from disk).
+    start_row: rows above it are not yielded and the rows of tiles that add nothing to the rows
+    below it are not predicted; the rows yielded are those of a run from row 0, to the bit."""
     tile_h, tile_w, ys, xs = tile_grid(image.height, image.width, tile, overlap)
     predicted_xs = [[x for x in xs if not (skip and skip(y, x))] for y in ys]
+    first = first_tile_row(ys, tile_h, start_row, lambda i: bool(predicted_xs[i]))
+    if first == len(ys):  # nothing left to yield
+        return
     summed = weights = window = None
-    top = 0  # the image row that row 0 of the accumulators holds
+    top = ys[first]  # the image row that row 0 of the accumulators holds
 
     def read(i):
         return image.read(ys[i], tile_h) if predicted_xs[i] else None
 
+    def rows_from_start(top, summed, weights):  # the accumulators' rows top.. that are not above start_row
+        skipped = max(0, start_row - top)
+        if skipped < summed.shape[1]:
+            yield top + skipped, finished(summed[:, skipped:], weights[:, skipped:])
+
     with ThreadPoolExecutor(max_workers=1) as reader:
-        next_strip = reader.submit(read, 0)
-        for i, y in enumerate(ys):
+        next_strip = reader.submit(read, first)
+        for i in range(first, len(ys)):
+            y = ys[i]
             strip = next_strip.result()
             if i + 1 < len(ys):
                 next_strip = reader.submit(read, i + 1)
@@ -77,7 +115,7 @@ def blended_rows(image, predict_logits, tile, overlap, batch_size=16, skip=None)
                 if summed is None:
                     raise ValueError('blended_rows: the first row of tiles predicts no tile')
                 done = y - top
-                yield top, finished(summed[:, :done], weights[:, :done])
+                yield from rows_from_start(top, summed[:, :done], weights[:, :done])
                 shift_up(summed, done)
                 shift_up(weights, done)
                 top = y
@@ -94,7 +132,7 @@ def blended_rows(image, predict_logits, tile, overlap, batch_size=16, skip=None)
                     weights[:, :, x:x + tile_w] += window
     if summed is None:
         raise ValueError('blended_rows: the first row of tiles predicts no tile')
-    yield top, finished(summed, weights)
+    yield from rows_from_start(top, summed, weights)
 
 
 def finished(summed, weights):

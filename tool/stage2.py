@@ -25,7 +25,7 @@ from network.deeplab import BACKBONES, DeepLab, deeplab_from_state_dict, init_de
 from network.resnet38_cls import Net as Stage1Net
 from tool import utils
 from tool.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict, save_checkpoint
-from tool.data import CLASS_NAMES, N_CLASS, TissueDataset, batch_to_device
+from tool.data import CLASS_NAMES, N_CLASS, TRAINING_MPP, TissueDataset, batch_to_device, image_size
 from tool.gate import GATE_MODES, GATE_THRESHOLD, gate_classes, gated_prediction
 from tool.io import InputError, save_text
 from tool.losses import DEFAULT_WEIGHTS, pseudo_supervision_loss
@@ -297,6 +297,14 @@ def plain_args(args):
     return json.loads(json.dumps(vars(args), default=str))
 
 
+def training_input(dataset, dataset_name):
+    """What inference must feed the model: {'patch_size': [height, width] of the training patches,
+    'mpp': um per pixel they were cut at (None where unknown)}. DeepLab's image-level pooling makes
+    every pixel's prediction depend on the input's extent, so inference tiles at this size."""
+    width, height = image_size(os.path.join(dataset.image_dir, dataset.names[0]))
+    return {'patch_size': [height, width], 'mpp': TRAINING_MPP.get(dataset_name)}
+
+
 def best_checkpoint_path(args):
     return os.path.join(args.savepath, f'stage2_checkpoint_trained_on_{args.dataset}.pth')
 
@@ -406,7 +414,8 @@ def main(args):
                 print(format_table({f'val epoch {epoch}': scores}, class_names))
                 if improved:
                     save_checkpoint({'state_dict': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                                     'epoch': epoch, 'best_pred': best_pred, 'args': plain_args(args)},
+                                     'epoch': epoch, 'best_pred': best_pred, 'args': plain_args(args),
+                                     'input': training_input(train_loader.dataset, args.dataset)},
                                     best_checkpoint_path(args))
                     print(f'best val MIoU so far, saved {best_checkpoint_path(args)}')
         if utils.is_main_process():
