@@ -111,3 +111,19 @@ def test_the_white_rule_follows_the_datasets_labels(model, tmp_path, dataset, ex
     assert (labels[20:50, 30:60] == BACKGROUND).all() == expect_background
     assert not (labels == BACKGROUND)[~background_mask(white_scene())].any()
     assert PALETTES[dataset][3 * BACKGROUND:3 * BACKGROUND + 3] == [255, 255, 255]
+
+
+def settled(*flags, record=None, needs_mpp=True):
+    args = infer.get_args_parser().parse_args(['--checkpoint', 'c.pth', '--input', 'x', '--out', 'o', *map(str, flags)])
+    infer.choose_model_input(args, record or {}, needs_mpp)
+    return args
+
+
+def test_slides_are_segmented_at_the_recorded_resolution_and_a_custom_one_must_be_given(capsys):
+    assert settled(record={'patch_size': [96, 96], 'mpp': 0.5}).model_mpp == 0.5  # the checkpoint's
+    assert settled('--dataset', 'bcss').model_mpp == 0.25  # the dataset's, for a bare checkpoint
+    assert settled('--mpp', 2.0, record={'mpp': 0.5}).model_mpp == 2.0
+    assert 'warning: --mpp 2 differs from the 0.5 um per pixel' in capsys.readouterr().out
+    with pytest.raises(infer.InputError, match='the resolution the model was trained at is unknown'):
+        settled('--dataset', 'custom')
+    assert settled('--dataset', 'custom', needs_mpp=False).model_mpp is None  # --level, or no slides
