@@ -1,4 +1,4 @@
-"""Whole slides (tool/slide_reader.py, tissue.py, contours.py, label_raster.py, mask_tiff.py,
+"""Whole slides (tool/slide_reader.py, tissue.py, label_raster.py, mask_tiff.py,
 slide_outputs.py, slide_inference.py, cohort.py) on pyramidal TIFFs the tests write with tifffile:
 tiled, several levels, a resolution, white glass around tissue.
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 import tifffile
 import torch
 from PIL import Image
@@ -28,7 +29,6 @@ from tests.test_infer import checkpoint, predictor  # noqa: F401 (fixtures: a ti
 from tests.test_infer import OVERLAP, TILE, assert_argmax, cli, random_image, run
 from tool import infer
 from tool.cohort import run_cohort
-from tool.contours import region_polygons, signed_area, simplify_ring, trace_rings
 from tool.data import BACKGROUND, PALETTES
 from tool.image_source import PixelArray
 from tool.io import InputError
@@ -223,72 +223,6 @@ def test_tissue_map_maps_thumbnail_pixels_onto_the_grid_and_boxes_the_tissue():
     assert TissueMap.everywhere((5, 7)).box() == (0, 0, 7, 5)
 
 
-# ---- contours -------------------------------------------------------------------------------------
-
-def rasterise(rings, shape):
-    """The pixels inside rectilinear rings by the even-odd rule: every vertical edge flips the
-    pixels to its right on its rows (the obviously correct inverse of tracing)."""
-    flips = np.zeros((shape[0], shape[1] + 1), np.uint8)
-    for ring in rings:
-        for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:]):
-            if x0 == x1:
-                flips[int(min(y0, y1)):int(max(y0, y1)), int(x0)] ^= 1
-    return np.bitwise_xor.accumulate(flips, axis=1)[:, :-1].astype(bool)
-
-
-@pytest.mark.parametrize('seed', range(4))
-def test_polygons_are_closed_rings_with_holes_that_cover_exactly_the_regions_pixels(seed):
-    from scipy import ndimage
-    rng = np.random.default_rng(seed)
-    mask = ndimage.gaussian_filter(rng.random((60, 80)), 2) > 0.5
-    labels, count = ndimage.label(mask)
-    polygons = region_polygons(mask)
-    assert len(polygons) == count
-    for index, (outline, holes) in enumerate(polygons, start=1):
-        for ring in (outline, *holes):
-            assert np.array_equal(ring[0], ring[-1]) and len(ring) >= 5  # closed; a pixel has 4 corners
-        assert signed_area(outline) > 0 and all(signed_area(h) < 0 for h in holes)  # GeoJSON's winding
-        assert np.array_equal(rasterise([outline, *holes], mask.shape), labels == index)
-        assert signed_area(outline) + sum(map(signed_area, holes)) == (labels == index).sum()
-
-
-def test_diagonal_pixels_are_separate_regions_and_an_island_in_a_hole_is_its_own():
-    mask = np.zeros((9, 9), bool)
-    mask[1:8, 1:8] = True
-    mask[2:7, 2:7] = False  # a ring of pixels around a hole
-    mask[4, 4] = True  # an island in the hole
-    mask[0, 8] = True  # touches the ring only at a corner: its own region
-    polygons = region_polygons(mask)
-    assert [len(holes) for _, holes in polygons] == [0, 1, 0]
-    (speck, _), (ring, [hole]), (island, _) = polygons
-    assert corners(speck) == [(8, 0), (8, 1), (9, 0), (9, 1)]
-    assert corners(ring) == [(1, 1), (1, 8), (8, 1), (8, 8)] and corners(hole) == [(2, 2), (2, 7), (7, 2), (7, 7)]
-    assert corners(island) == [(4, 4), (4, 5), (5, 4), (5, 5)]
-    assert len(trace_rings(mask)) == 4
-
-
-def distance_to_ring(point, ring):
-    """The distance from a point to the nearest segment of a closed ring."""
-    distances = []
-    for a, b in zip(ring[:-1], ring[1:]):
-        along = np.clip(np.dot(point - a, b - a) / np.dot(b - a, b - a), 0, 1)
-        distances.append(np.hypot(*(point - (a + along * (b - a)))))
-    return min(distances)
-
-
-def test_simplified_rings_keep_every_corner_within_the_tolerance():
-    from scipy import ndimage
-    disc = np.hypot(*np.mgrid[-30:31, -30:31]) < 25.5
-    ring, _ = trace_rings(disc)[0]
-    corner_points = simplify_ring(ring.astype(float), 0)[:-1]
-    for tolerance in (0.5, 1, 3):
-        simple = simplify_ring(ring.astype(float), tolerance)
-        assert np.array_equal(simple[0], simple[-1]) and 4 <= len(simple) < len(corner_points)
-        assert max(distance_to_ring(p, simple) for p in corner_points) <= tolerance + 1e-9
-        assert abs(signed_area(simple) - disc.sum()) < 2 * tolerance * 2 * np.pi * 25.5
-    assert ndimage.label(disc)[1] == 1
-
-
 # ---- areas ------------------------------------------------------------------------------------------
 
 def test_areas_in_mm2_fractions_of_the_tissue_and_the_slide_stroma_area_ratio():
@@ -368,7 +302,8 @@ def test_a_slide_segments_only_its_tissue_into_a_tiff_geojson_and_table_at_level
     for feature in features:
         rings = feature['geometry']['coordinates']
         assert all(ring[0] == ring[-1] and len(ring) >= 4 for ring in rings)
-        assert signed_area(np.array(rings[0])) > 0 and all(signed_area(np.array(h)) < 0 for h in rings[1:])
+        polygon = shapely.Polygon(rings[0], rings[1:])  # valid, and GeoJSON's winding
+        assert polygon.is_valid and polygon.exterior.is_ccw and not any(h.is_ccw for h in polygon.interiors)
         assert all(0 <= x <= 1024 and 0 <= y <= 768 for ring in rings for x, y in ring)
 
     # the overlay thumbnail: the mask's colours over the slide

@@ -122,7 +122,7 @@ def add_slide_args(group):
                        help='um2: tissue specks smaller than this are dropped, holes smaller than this filled')
     group.add_argument('--geojson_tolerance', type=float, default=4.0,
                        help='um: GeoJSON polygons follow the mask sampled every this many um and are simplified '
-                            'to it (Douglas-Peucker)')
+                            'to it, all regions together as one coverage (shapely), so they never overlap')
 
 
 def main(args):
