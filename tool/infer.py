@@ -114,8 +114,8 @@ def add_slide_args(group):
     group.add_argument('--no_tissue_detection', action='store_true',
                        help='segment the glass too (every tile goes through the network)')
     group.add_argument('--tissue_saturation', type=int,
-                       help="tissue where the thumbnail's saturation (0..255) exceeds this (default: Otsu's "
-                            'threshold of each slide, at least 20)')
+                       help="tissue where the thumbnail's saturation (0..255) exceeds this (default: where it "
+                            "differs from the slide's own glass in colour or darkness, tool/tissue.py)")
     group.add_argument('--tissue_closing', type=float, default=CLOSING_UM,
                        help='radius (um) of the closing that joins ragged tissue; 0 turns it off')
     group.add_argument('--tissue_min_area', type=float, default=MIN_AREA_UM2,
