@@ -4,7 +4,7 @@
 # (full-size models from init_weights/, its hyper-parameters, the GPU when there is one);
 # without it, the embedded synthetic dataset is generated and a reduced configuration runs on
 # the CPU in minutes. Everything goes to one run folder under runs/.
-# Extra arguments go to tool/pipeline.py, e.g. --out runs/mine, --config reduced,
+# Extra arguments go to tool/pipeline/runner.py, e.g. --out runs/mine, --config reduced,
 # --stage2_args="--epochs 5" (python -m tool.pipeline --help lists them).
 set -e
 source "$(dirname "${BASH_SOURCE[0]}")/tool/venv.sh"

@@ -1,11 +1,11 @@
-"""GeoJSON regions (tool/slide_outputs.region_features): one shapely coverage, simplified together,
+"""GeoJSON regions (tool/wsi/slide_outputs.py region_features): one shapely coverage, simplified together,
 against the per-ring Douglas-Peucker tracer it replaced, on masks like a segmented slide's.
 
     python -m bench.bench_geojson                        # 1500 x 1500, seeds 0-2, tolerance 4, 1 and 0 px
     python -m bench.bench_geojson --size 600 --seeds 1
 
 The masks are tests/test_contours.tissue_mask's: compartments of four classes with rough borders,
-holes, islands and specks on glass, 13,000-17,000 regions at 1500 px. "old" is tool/contours.py of
+holes, islands and specks on glass, 13,000-17,000 regions at 1500 px. "old" is tool/wsi/contours.py of
 --old_revision (the last with Douglas-Peucker) with that revision's region_features, copied here;
 "new" is region_features, which traces the grid sampled every tolerance pixels (whole ones);
 "new, every px" traces every pixel instead. Printed for each: the polygons, how many are invalid
@@ -25,17 +25,17 @@ import numpy as np
 import shapely
 
 from tests.test_contours import tissue_mask
-from tool.contours import region_polygons
-from tool.data import BACKGROUND, CLASS_NAMES, PALETTES
-from tool.label_raster import LabelRaster
-from tool.slide_outputs import region_features
+from tool.data.datasets import BACKGROUND, DATASETS
+from tool.wsi.contours import region_polygons
+from tool.wsi.label_raster import LabelRaster
+from tool.wsi.slide_outputs import region_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = CLASS_NAMES['luad']
+CLASSES = DATASETS['luad'].class_names
 
 
 def load_old_contours(revision, folder):
-    source = subprocess.run(['git', 'show', f'{revision}:tool/contours.py'], cwd=ROOT, check=True,
+    source = subprocess.run(['git', 'show', f'{revision}:tool/wsi/contours.py'], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     path = os.path.join(folder, 'old_contours.py')
     with open(path, 'w') as f:
@@ -59,7 +59,7 @@ def old_polygons(contours, raster, tolerance):
 
 
 def new_polygons(raster, tolerance):
-    features = region_features(raster, CLASSES, PALETTES['luad'], tolerance, 1)
+    features = region_features(raster, CLASSES, DATASETS['luad'].palette, tolerance, 1)
     return [(CLASSES.index(f['properties']['classification']['name']), shapely.geometry.shape(f['geometry']))
             for f in features]
 
@@ -117,5 +117,5 @@ if __name__ == '__main__':
     parser.add_argument('--seeds', type=int, default=3)
     parser.add_argument('--tolerances', type=float, nargs='+', default=[4, 1, 0],
                         help='grid px (4: the default 4 um at 1 um/px)')
-    parser.add_argument('--old_revision', default='b678bfc', help='a commit whose tool/contours.py has Douglas-Peucker')
+    parser.add_argument('--old_revision', default='b678bfc', help='a commit whose tool/wsi/contours.py has Douglas-Peucker')
     main(parser.parse_args())

@@ -8,7 +8,7 @@ Both paths segment the same patches (held in memory, so that only the prediction
 the same stage-2 DeepLabV3+ and, for the classification gate, the same stage-1 ResNet-38
 (--no_gate leaves it out), alternating after a warm-up; the best run of each counts.
 
-- ours: tool.infer.Predictor, as 4_infer.py runs it: --batch_size patches per forward,
+- ours: tool.inference.infer.Predictor, as 4_infer.py runs it: --batch_size patches per forward,
   inference mode, channels_last and cuDNN autotuning on CUDA, pinned non-blocking copies,
   --amp (bf16, or fp16) for the segmentation, the gate applied on the device, one argmax read
   back as uint8 per batch.
@@ -29,12 +29,12 @@ import torch
 
 from bench.timing import add_common_args, alternating_rates, device_name, report
 from network.deeplab import BACKBONES, DeepLab
-from network.resnet38_cls import Net
-from tool.data import read_rgb
-from tool.gate import GATE_THRESHOLD
-from tool.infer import Predictor, argmax
-from tool.synth import write_dataset
-from tool.utils import autocast_dtype, configure_cuda_speed, resolve_device
+from network.resnet38_cls import CAMClassifier
+from tool.core.runtime import autocast_dtype, configure_cuda_speed, resolve_device
+from tool.data.patches import read_rgb
+from tool.data.synth import write_dataset
+from tool.inference.infer import Predictor, argmax
+from tool.method.gate import GATE_THRESHOLD
 
 MIN_AGREEMENT = 0.999  # share of identical mask pixels below which the paths disagree for real
 
@@ -76,7 +76,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     segmenter = DeepLab(args.backbone, 16, num_classes=4).to(device).eval()
-    classifier = None if args.no_gate else Net(4, args.stage1_width).to(device).eval()
+    classifier = None if args.no_gate else CAMClassifier(4, args.stage1_width).to(device).eval()
     patches = make_patches(args.patches, args.size, args.seed)
     gate = 'no gate' if args.no_gate else f'gate: ResNet-38 width {args.stage1_width:g}'
     print(f'DeepLabV3+ {args.backbone}, {gate}, {args.size} px, {len(patches)} patches, {device} ({device_name(device)}), '
@@ -87,7 +87,7 @@ def main(args):
     reference_segmenter.load_state_dict(segmenter.state_dict())
     reference_classifier = None
     if classifier is not None:
-        reference_classifier = Net(4, args.stage1_width).to(device).eval()
+        reference_classifier = CAMClassifier(4, args.stage1_width).to(device).eval()
         reference_classifier.load_state_dict(classifier.state_dict())
     predictor = Predictor(segmenter, device, classifier, None if args.no_gate else 'multiply',
                           amp_dtype=autocast_dtype(args.amp, device))

@@ -5,7 +5,7 @@ where a sample's time goes.
     python -m bench.bench_loader                  # 224 px, 256 patches, 2 workers: about a minute
     python -m bench.bench_loader --workers 12     # on a GPU machine's cores
 
-The datasets are the ones tool.stage1 and tool.stage2 build for training, on synthetic patches
+The datasets are the ones tool.stages.stage1 and tool.stages.stage2 build for training, on synthetic patches
 (PNGs of about the real datasets' sizes, ~90 kB an image at 224 px) with the synthetic truth
 copied as the three pseudo-masks, in shuffled batches of --batch_size as in training. Each is
 timed with the items the stages use (float32 image, int64 masks) and with uint8 items
@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from bench.data import with_items, write_bench_dataset
-from tool import stage1, stage2
-from tool.data import blur, draw_augmentation, make_item, random_augment, read_mask, read_rgb
+from tool.data.patches import blur, draw_augmentation, make_item, random_augment, read_mask, read_rgb
+from tool.stages import stage1, stage2
 
 TARGET_WORKERS = 12
 TARGET_RATES = {'stage 1': 2.5 * 213, 'stage 2': 1600}  # images/s the GPU should get

@@ -4,7 +4,7 @@
     python -m bench.bench_pseudo_mask --device cuda         # also patches/s at the best batch size
 
 Both paths get the same weights and patches and end in the same pseudo-mask rule. The reference
-path (tool.gradcam.grad_cam_reference) runs, per patch, layer and class, a full forward and a full
+path (tool.method.gradcam.grad_cam_reference) runs, per patch, layer and class, a full forward and a full
 backward with weight gradients, at batch 1: 12 passes per patch. The fast path runs one forward
 per batch, no backward for bn7 and one backward per class, activations only, down to b4_5.
 Printed: seconds per patch of each, their ratio, the share of identical mask pixels, and the
@@ -20,20 +20,21 @@ import torch
 from torch import nn
 
 from bench.timing import device_name, synchronize
-from network.resnet38_cls import Net
-from tool.checkpoint import read_state_dict
-from tool.data import parse_label, read_rgb
-from tool.gradcam import grad_cam_reference, multi_layer_grad_cam
-from tool.pseudo_mask import background_mask, pseudo_mask
-from tool.synth import write_dataset
-from tool.utils import resolve_device
+from network.resnet38_cls import CAMClassifier
+from tool.core.checkpoint import read_state_dict
+from tool.core.models import classifier_from_state_dict
+from tool.core.runtime import resolve_device
+from tool.data.patches import parse_label, read_rgb
+from tool.data.synth import write_dataset
+from tool.method.gradcam import grad_cam_reference, multi_layer_grad_cam
+from tool.method.pseudo_mask import background_mask, pseudo_mask
 
 
 def make_model(args, device):
     if args.weights:
-        return Net.from_state_dict(read_state_dict(args.weights), args.weights).to(device).eval()
+        return classifier_from_state_dict(read_state_dict(args.weights), args.weights).to(device).eval()
     torch.manual_seed(args.seed)
-    model = Net(n_class=4, width=args.width)  # frozen=True: the reference's trainable set in eval mode
+    model = CAMClassifier(n_class=4, width=args.width)  # frozen=True: the reference's trainable set in eval mode
     for m in model.modules():  # He init: activations of a realistic scale, as trained weights have
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, nonlinearity='relu')

@@ -1,8 +1,8 @@
-"""Whole-slide results against a known truth: synthetic slides (tool/synth_slide.py) segmented by
+"""Whole-slide results against a known truth: synthetic slides (tool/data/synth_slide.py) segmented by
 4_infer.py, scored like their own patches.
 
-    python -m tool.synth_slide --out slides/ --size 288 --cells 5          # the project's own data
-    python -m tool.synth_slide --out slides/ --size 288 --cells 5 --variant heldout --seed 1
+    python -m tool.data.synth_slide --out slides/ --size 288 --cells 5          # the project's own data
+    python -m tool.data.synth_slide --out slides/ --size 288 --cells 5 --variant heldout --seed 1
     python -m bench.bench_slide_truth --slides slides/ --checkpoint stage2.pth [--extra '--tile 224']
 
 Cells of 288 px (three 96-px tiles): on a mosaic of patch-sized cells every tile would straddle
@@ -22,13 +22,13 @@ import shlex
 import tempfile
 import time
 
-import numpy as np
 import tifffile
 
-from tool import infer
-from tool.data import BACKGROUND, CLASS_NAMES, read_mask
-from tool.io import run_cli
-from tool.metrics import ConfusionMatrix
+from tool.core.errors import run_cli
+from tool.data.datasets import BACKGROUND, DATASETS
+from tool.data.patches import read_mask
+from tool.inference import infer
+from tool.method.metrics import ConfusionMatrix
 
 
 def run_infer(argv):
@@ -49,7 +49,7 @@ def slide_scores(stem, checkpoint, out, extra):
     seconds = run_infer(['--checkpoint', checkpoint, '--input', f'{stem}.tiff', '--out', out, *extra])
     predicted = tifffile.imread(os.path.join(out, 'slides', name, f'{name}-mask.tiff'))  # the full-resolution page
     truth = read_mask(f'{stem}-truth.png')
-    confusion = ConfusionMatrix(len(CLASS_NAMES['luad']))
+    confusion = ConfusionMatrix(len(DATASETS['luad'].class_names))
     confusion.update(truth, predicted)
     tissue = truth < BACKGROUND
     white_in_tissue = (truth == BACKGROUND) & (read_mask(f'{stem}-cells.png') == 1)
@@ -60,7 +60,7 @@ def slide_scores(stem, checkpoint, out, extra):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--slides', required=True, help='a folder of tool/synth_slide.py slides')
+    parser.add_argument('--slides', required=True, help='a folder of tool/data/synth_slide.py slides')
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--extra', default='--tile 224', help='flags of the second slide run (one string)')
     args = parser.parse_args()

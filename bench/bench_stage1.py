@@ -10,9 +10,9 @@ the bench would time a dead one), with the same optimiser on the same synthetic 
 warm-up steps each, alternating epoch by epoch; the best epoch of each counts. Each path's mean
 loss of its first and last epoch is printed: it falls when the network learns.
 Both load with --workers DataLoader workers, by default the reference's 10, as on a GPU machine,
-capped to the CPU cores (as tool.stage1 does) so that a small machine slows neither path alone.
+capped to the CPU cores (as tool.stages.stage1 does) so that a small machine slows neither path alone.
 
-- ours: tool.stage1.train_one_epoch with tool.stage1's loaders (pinned memory and non-blocking
+- ours: tool.stages.stage1.train_one_epoch with tool.stages.stage1's loaders (pinned memory and non-blocking
   copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
   --amp (bf16, or fp16 with loss scaling), losses read back every --print_freq steps.
 - reference (WSSS-Tissue's 1_train_stage1.py, restated): DataLoader(shuffle, --workers,
@@ -38,19 +38,23 @@ from torch.utils.data import DataLoader
 from bench.data import with_items, write_bench_dataset
 from bench.timing import (add_common_args, add_workers_arg, alternating_rates, device_name, report, warm_up,
                           workers_line)
-from network.resnet38_cls import Net
-from tool import stage1
-from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, data_workers, resolve_device
+from network.resnet38_cls import CAMClassifier
+from tool.core.runtime import MetricsLog, autocast_dtype, configure_cuda_speed, data_workers, grad_scaler, resolve_device
+from tool.stages import stage1
+from tool.stages.training import poly_lr, set_learning_rate
 
 PDA_EPOCH = stage1.PDA_FIRST_EPOCH  # an epoch with PDA on, as most of a run is
 
 
-def reference_epoch(model, optimizer, lr_scheduler, loader, device):
-    """One epoch the way the reference's train_phase runs it; returns its mean loss."""
+def reference_epoch(model, optimizer, loader, device, args):
+    """One epoch the way the reference's train_phase runs it, from step 0 of the poly schedule as
+    ours; returns its mean loss."""
     model.train()
     exact = jaccard = seen = 0
     losses = []
-    for batch in loader:
+    max_step = args.max_epoches * len(loader)
+    for step, batch in enumerate(loader):
+        set_learning_rate(optimizer, poly_lr(args.lr, step, max_step), stage1.LR_SCALES)
         labels = batch['label'].to(device, non_blocking=True)  # from pageable memory: a synchronous copy
         logits = model(batch['image'].to(device), enable_pda=True)
         probs, truth = torch.sigmoid(logits).detach().cpu().numpy(), labels.cpu().numpy()
@@ -64,7 +68,6 @@ def reference_epoch(model, optimizer, lr_scheduler, loader, device):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        lr_scheduler.step()
         if device.type == 'cuda':
             torch.cuda.empty_cache()
     return np.mean(losses)
@@ -75,7 +78,7 @@ def main(args):
     if device.type == 'cpu':
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    start = Net(4, args.width, frozen=False, pda_mode='normalised')
+    start = CAMClassifier(4, args.width, frozen=False, pda_mode='normalised')
     with tempfile.TemporaryDirectory() as folder:
         root = os.path.join(folder, 'synth')
         write_bench_dataset(root, args.size, args.patches, args.seed)
@@ -94,23 +97,24 @@ def main(args):
               f'({device_name(device)}), {"ours with --amp" if args.amp else "float32"}')
 
         reference_model = copy.deepcopy(start).to(device)
-        reference_optimizer = stage1.make_optimizer(reference_model, train_args, len(reference_loader))
+        reference_optimizer = stage1.make_optimizer(reference_model, train_args)
         our_model = copy.deepcopy(start).to(device, memory_format=configure_cuda_speed(device))
-        our_optimizer = stage1.make_optimizer(our_model, train_args, len(our_loader))
+        our_optimizer = stage1.make_optimizer(our_model, train_args)
         log = MetricsLog(os.path.join(folder, 'metrics.jsonl'))
         amp_dtype = autocast_dtype(args.amp, device)
-        scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
+        scaler = grad_scaler(amp_dtype)
 
         losses = {'reference': [], 'ours': []}  # mean loss of each timed epoch
 
         def reference(loader):
             torch.backends.cudnn.benchmark = False  # the reference leaves cuDNN's default
-            losses['reference'].append(reference_epoch(reference_model, *reference_optimizer, loader, device))
+            losses['reference'].append(reference_epoch(reference_model, reference_optimizer, loader, device,
+                                                       train_args))
             return len(loader) * args.batch_size
 
         def ours(loader):
             configure_cuda_speed(device)  # cuDNN autotuning back on
-            stage1.train_one_epoch(our_model, *our_optimizer, scaler, loader, device, PDA_EPOCH, 0, train_args, log,
+            stage1.train_one_epoch(our_model, our_optimizer, loader, device, PDA_EPOCH, 0, train_args, log, scaler,
                                    amp_dtype)
             with open(log.path) as f:
                 losses['ours'].append(json.loads(f.readlines()[-1])['epoch_loss'])

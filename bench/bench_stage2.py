@@ -7,10 +7,10 @@ Both paths train copies of one DeepLabV3+ (BatchNorm training) with the same opt
 multi-layer pseudo-supervision loss on the same synthetic patches and masks (the synthetic truth
 stands in for the three pseudo-masks), alternating epoch by epoch after two warm-up steps each;
 the best epoch of each counts. Both load with --workers DataLoader workers, by default the
-reference's 10, as on a GPU machine, capped to the CPU cores (as tool.stage2 does) so that a
+reference's 10, as on a GPU machine, capped to the CPU cores (as tool.stages.stage2 does) so that a
 small machine slows neither path alone.
 
-- ours: tool.stage2.train_one_epoch with tool.stage2's loader (pinned memory and non-blocking
+- ours: tool.stages.stage2.train_one_epoch with tool.stages.stage2's loader (pinned memory and non-blocking
   copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
   --amp (bf16, or fp16 with loss scaling), losses read back every LOG_EVERY steps.
 - reference (WSSS-Tissue's 3_train_stage2.py Trainer.training, restated): DataLoader(shuffle,
@@ -33,9 +33,11 @@ from bench.data import with_items, write_bench_dataset
 from bench.timing import (add_common_args, add_workers_arg, alternating_rates, device_name, report, warm_up,
                           workers_line)
 from network.deeplab import BACKBONES, DeepLab
-from tool import stage2
-from tool.losses import BACKGROUND, BACKGROUND_LOGIT, IGNORE_INDEX
-from tool.utils import MetricsLog, autocast_dtype, configure_cuda_speed, data_workers, resolve_device
+from tool.core.runtime import MetricsLog, autocast_dtype, configure_cuda_speed, data_workers, grad_scaler, resolve_device
+from tool.data.datasets import BACKGROUND
+from tool.method.losses import BACKGROUND_LOGIT, IGNORE_INDEX
+from tool.stages import stage2
+from tool.stages.training import set_learning_rate
 
 
 def reference_epoch(model, optimizer, loader, device, args, epoch):
@@ -44,7 +46,8 @@ def reference_epoch(model, optimizer, loader, device, args, epoch):
     train_loss = 0.0
     for i, batch in enumerate(loader):
         image, masks = batch['image'].to(device), [m.to(device) for m in batch['masks'].unbind(1)]
-        stage2.set_learning_rate(optimizer, stage2.learning_rate(args, epoch * len(loader) + i, args.epochs * len(loader)))
+        lr = stage2.learning_rate(args, epoch * len(loader) + i, args.epochs * len(loader))
+        set_learning_rate(optimizer, lr, stage2.LR_SCALES)
         optimizer.zero_grad()
         output = model(image)
         one = torch.ones((output.shape[0], 1, *output.shape[2:])).to(device)
@@ -84,7 +87,7 @@ def main(args):
         our_optimizer = stage2.make_optimizer(our_model, train_args)
         log = MetricsLog(os.path.join(folder, 'metrics.jsonl'))
         amp_dtype = autocast_dtype(args.amp, device)
-        scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+        scaler = grad_scaler(amp_dtype)
 
         def reference(loader):
             torch.backends.cudnn.benchmark = False  # the reference leaves cuDNN's default
@@ -93,7 +96,7 @@ def main(args):
 
         def ours(loader):
             configure_cuda_speed(device)  # cuDNN autotuning back on
-            stage2.train_one_epoch(our_model, our_optimizer, loader, device, 0, train_args, log, amp_dtype, scaler)
+            stage2.train_one_epoch(our_model, our_optimizer, loader, device, 0, train_args, log, scaler, amp_dtype)
             return len(loader.dataset)
 
         reference(warm_up(dataset, args.batch_size))

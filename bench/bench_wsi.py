@@ -3,7 +3,7 @@ detection skips, and --amp (bfloat16) against float32: its speed-up and the pixe
 
     python -m bench.bench_wsi --slide cmu_small_region.svs --checkpoint stage2.pth [--threads 2]
 
-Both precisions segment the slide exactly as 4_infer.py does (tool/slide_inference.py: the grid
+Both precisions segment the slide exactly as 4_infer.py does (tool/wsi/slide_inference.py: the grid
 at --mpp, tissue detection, tiles blended strip by strip into a mask on disk), in turn after a
 warm-up; the best run of each counts. Reading and resampling the slide are part of the time, as
 in a real run; tissue detection and writing the outputs are not. On the CPU, --amp means
@@ -17,12 +17,12 @@ import time
 import torch
 
 from bench.timing import device_name
-from tool import infer
-from tool.data import BACKGROUND, CLASS_NAMES
-from tool.label_raster import LabelRaster
-from tool.slide_inference import find_tissue, segment, slide_plan, tiles_with_tissue, tissue_blind_tiles
-from tool.slide_reader import WholeSlide
-from tool.utils import resolve_device
+from tool.core.runtime import resolve_device
+from tool.data.datasets import BACKGROUND, DATASETS
+from tool.inference import infer
+from tool.wsi.label_raster import LabelRaster
+from tool.wsi.slide_inference import find_tissue, segment, slide_plan, tiles_with_tissue, tissue_blind_tiles
+from tool.wsi.slide_reader import WholeSlide
 
 
 def segment_timed(slide, plan, tissue, predictor, settings, folder):
@@ -49,7 +49,7 @@ def main(args):
     predictors = {}
     for name, amp in (('float32', False), ('bfloat16', True)):
         settings.amp = amp
-        predictors[name] = infer.load_predictor(settings, device, len(CLASS_NAMES[args.dataset]))
+        predictors[name] = infer.load_predictor(settings, device, len(DATASETS[args.dataset].class_names))
     with WholeSlide(args.slide) as slide, tempfile.TemporaryDirectory() as folder:
         plan = slide_plan(slide, settings)
         downsample, mpp = plan[:2]
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--slide', required=True, help='a whole-slide image (.svs, pyramidal .tiff, ...)')
     parser.add_argument('--checkpoint', required=True, help='stage-2 DeepLab weights')
-    parser.add_argument('--dataset', default='luad', choices=sorted(CLASS_NAMES))
+    parser.add_argument('--dataset', default='luad', choices=sorted(DATASETS))
     parser.add_argument('--mpp', type=float, help='um per pixel to segment at (default: the dataset\'s)')
     parser.add_argument('--tile', type=int, default=224)
     parser.add_argument('--overlap', type=int, default=32)

@@ -3,9 +3,9 @@ datasets, with the synthetic truth copied as the three pseudo-masks stage 2 read
 import os
 import shutil
 
-from tool.data import TissueDataset
-from tool.stage2 import PSEUDO_MASK_DIRS
-from tool.synth import write_dataset
+from tool.data.patches import TissueDataset
+from tool.data.synth import write_dataset
+from tool.method.paper_layers import pseudo_mask_dirs
 
 UNIQUE_PATCHES = 256  # drawn; the rest of a larger set are copies
 
@@ -23,7 +23,7 @@ def write_bench_dataset(root, size, patches, seed):
         name = drawn[index % len(drawn)]
         for folder in ('train', 'train_gt'):
             shutil.copyfile(os.path.join(root, folder, name), os.path.join(root, folder, f'copy{index:06d}-{name}'))
-    for mask_dir in PSEUDO_MASK_DIRS:
+    for mask_dir in pseudo_mask_dirs():
         shutil.copytree(os.path.join(root, 'train_gt'), os.path.join(root, mask_dir))
 
 

@@ -1,7 +1,7 @@
 """Stage-1 classifier: ResNet-38 features, a bias-free 1x1 classifier `fc8` on their global
 average, and class activation maps from the same weights.
 
-    model = Net(n_class=4, width=1.0, frozen=True)
+    model = CAMClassifier(n_class=4, width=1.0, frozen=True)
     logits = model(images, enable_pda=epoch > 2)       # training
     cams, logits = model.forward_cam(images)           # inference: CAMs at 1/8 resolution
 
@@ -12,15 +12,13 @@ from torch import nn
 
 from network import resnet38d
 from network.pda import PDA_MODES, progressive_dropout_attention
-from tool.checkpoint import extract_state_dict, load_state_dict_strict, state_dict_diff
-from tool.io import InputError
 
 # Kept fixed by the reference when it starts from ImageNet weights (frozen=True): these first layers
 # and every BatchNorm keep their ImageNet values. From random initialisation nothing may be frozen.
 FROZEN_LAYERS = ('conv1a', 'b2', 'b2_1', 'b2_2')
 
 
-class Net(resnet38d.Net):
+class CAMClassifier(resnet38d.ResNet38):
     def __init__(self, n_class=4, width=1.0, frozen=True, gamma=1.0, pda_mode='reference'):
         super().__init__(width)
         self.dropout7 = nn.Dropout2d(0.5)
@@ -85,27 +83,3 @@ class Net(resnet38d.Net):
                 if m.bias is not None and m.bias.requires_grad:
                     groups[3 if scratch else 1].append(m.bias)
         return groups
-
-    @classmethod
-    def from_state_dict(cls, state_dict, path='checkpoint', **kwargs):
-        """A Net whose width and n_class fit `state_dict` (bare, 'module.'-prefixed or inside
-        {'state_dict': ...}), loaded strictly. kwargs: frozen, gamma, pda_mode."""
-        state_dict = extract_state_dict(state_dict, path)
-        for key in ('conv1a.weight', 'fc8.weight'):
-            if key not in state_dict:
-                raise InputError(f'{path}: not a stage-1 ResNet-38 classifier (no {key})')
-        width = state_dict['conv1a.weight'].shape[0] / 64
-        n_class = state_dict['fc8.weight'].shape[0]
-        return load_state_dict_strict(cls(n_class=n_class, width=width, **kwargs), state_dict, path)
-
-
-def load_backbone(model, state_dict, path='checkpoint'):
-    """Load backbone weights (e.g. the converted ImageNet ResNet-38) into a Net: every backbone
-    key must match, fc8 must be absent and keeps its initialisation."""
-    state_dict = extract_state_dict(state_dict, path)
-    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith('fc8.')}
-    diff = state_dict_diff(backbone, state_dict)
-    if diff:
-        raise InputError(f'{path}: does not match the ResNet-38 backbone: {diff}')
-    model.load_state_dict(state_dict, strict=False)
-    return model

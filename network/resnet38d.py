@@ -65,7 +65,7 @@ class BottleneckBlock(nn.Module):
         return shortcut + branch
 
 
-class Net(nn.Module):
+class ResNet38(nn.Module):
     # The layers in forward order; forward_layers can also return 'bn7' = ReLU(bn7(b7 output)).
     LAYERS = ('conv1a', 'b2', 'b2_1', 'b2_2', 'b3', 'b3_1', 'b3_2',
               'b4', 'b4_1', 'b4_2', 'b4_3', 'b4_4', 'b4_5', 'b5', 'b5_1', 'b5_2', 'b6', 'b7')

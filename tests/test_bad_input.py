@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from network.deeplab import DeepLab
-from network.resnet38_cls import Net as Stage1Net
-from tool.checkpoint import save_checkpoint
-from tool.data import PALETTES
-from tool.io import save_palette_png
-from tool.synth import write_dataset
+from network.resnet38_cls import CAMClassifier
+from tool.core.checkpoint import save_checkpoint
+from tool.core.files import save_palette_png
+from tool.data.datasets import DATASETS
+from tool.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_THREADS = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
@@ -50,7 +50,7 @@ def inputs(tmp_path_factory):
     for layer in LAYERS:
         shutil.copytree(root / 'luad' / 'train_gt', root / 'luad' / 'train_PM' / layer)
     torch.manual_seed(0)
-    save_checkpoint(Stage1Net(n_class=4, width=0.0625).state_dict(), str(root / 'stage1.pth'))
+    save_checkpoint(CAMClassifier(n_class=4, width=0.0625).state_dict(), str(root / 'stage1.pth'))
     save_checkpoint({'state_dict': DeepLab('mobilenet', num_classes=4).state_dict()}, str(root / 'stage2.pth'))
     save_checkpoint({'state_dict': DeepLab('mobilenet', num_classes=5).state_dict()}, str(root / 'five_classes.pth'))
     save_checkpoint({'state_dict': DeepLab('resnet18', num_classes=4).state_dict()}, str(root / 'resnet18.pth'))
@@ -88,7 +88,7 @@ def first(folder):
 
 
 def write_mask(path, array):
-    save_palette_png(array, PALETTES['luad'], str(path))
+    save_palette_png(array, DATASETS['luad'].palette, str(path))
 
 
 def unparsable_label(data, out, inputs):
@@ -165,7 +165,7 @@ def nan_loss(data, out, inputs):
 
 def stage1_output_not_writable(data, out, inputs):
     # Root ignores file permissions: a folder under a regular file cannot be created by anyone.
-    # 2_generate_PM.py and 4_infer.py write through the same tool.io.atomic_write as stage 1;
+    # 2_generate_PM.py and 4_infer.py write through the same tool.core.files.atomic_write as stage 1;
     # stage 2 opens its log first, so it has its own case.
     blocked = out / 'stage1_test_metrics.json' / 'run'
     return stage1(data, blocked), [str(blocked), 'cannot write here']
@@ -280,4 +280,4 @@ def test_debug_shows_the_traceback(inputs, tmp_path):
     result = run([*argv, '--debug'])
     assert result.returncode == 1
     assert 'Traceback (most recent call last)' in result.stderr
-    assert f'tool.io.InputError: {names[0]}: label [0 0 0 0] names no class' in result.stderr
+    assert f'tool.core.errors.InputError: {names[0]}: label [0 0 0 0] names no class' in result.stderr

@@ -1,4 +1,4 @@
-"""Checkpoint safety (tool/checkpoint.py, issue 7): loading never runs code, a pickle that would is
+"""Checkpoint safety (tool/core/checkpoint.py, issue 7): loading never runs code, a pickle that would is
 refused saying so, a damaged file is reported as damaged, a checkpoint of another architecture or
 class count gets a short diff of keys and shapes, and old initialisation files with numpy
 scalars still load."""
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from network.deeplab import DeepLab
-from network.resnet38_cls import Net
-from tool.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict, state_dict_diff
-from tool.io import InputError
+from network.resnet38_cls import CAMClassifier
+from tool.core.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict, state_dict_diff
+from tool.core.errors import InputError
 
 
 def error_of(call, *args):
@@ -123,13 +123,13 @@ def diff_message(model, state_dict, path='other.pth'):
 
 
 def test_another_class_count_names_the_classifier_shapes():
-    model = Net(n_class=4, width=0.0625)
-    diff = diff_message(model, Net(n_class=5, width=0.0625).state_dict())
+    model = CAMClassifier(n_class=4, width=0.0625)
+    diff = diff_message(model, CAMClassifier(n_class=5, width=0.0625).state_dict())
     assert diff == '1 wrong shape: fc8.weight: model [4, 256, 1, 1], checkpoint [5, 256, 1, 1]'
 
 
 def test_another_width_gives_a_short_diff_that_says_how_much_more():
-    diff = diff_message(Net(n_class=4, width=0.0625), Net(n_class=4, width=0.125).state_dict())
+    diff = diff_message(CAMClassifier(n_class=4, width=0.0625), CAMClassifier(n_class=4, width=0.125).state_dict())
     assert diff.startswith('192 wrong shape: conv1a.weight: model [4, 3, 3, 3], checkpoint [8, 3, 3, 3]; ')
     assert diff.endswith('(+184 more)') and diff.count(': model [') == 8 and len(diff) < 1200
 
@@ -148,7 +148,7 @@ def test_another_architecture_lists_missing_and_unexpected_keys():
 
 
 def test_batchnorm_counters_of_old_pytorch_may_be_absent():
-    model = Net(n_class=4, width=0.0625)
+    model = CAMClassifier(n_class=4, width=0.0625)
     old = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     assert state_dict_diff(model.state_dict(), old) == ''
     load_state_dict_strict(model, old)

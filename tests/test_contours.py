@@ -1,5 +1,5 @@
-"""Region polygons (tool/contours.py) and the GeoJSON features made of them
-(tool/slide_outputs.region_features) on masks like a segmented slide's: tissue compartments of four
+"""Region polygons (tool/wsi/contours.py) and the GeoJSON features made of them
+(tool/wsi/slide_outputs.py region_features) on masks like a segmented slide's: tissue compartments of four
 classes with rough borders, holes, islands, specks and diagonal corners, on glass (label 4).
 The polygons must be valid, tile the mask (no overlaps, no gaps inside the tissue beyond the
 tolerance) and keep each class's area; at tolerance 0 they are the pixels exactly."""
@@ -10,12 +10,12 @@ import pytest
 import shapely
 from scipy import ndimage
 
-from tool.contours import region_polygons
-from tool.data import BACKGROUND, CLASS_NAMES, PALETTES
-from tool.label_raster import LabelRaster
-from tool.slide_outputs import region_features, write_geojson
+from tool.data.datasets import BACKGROUND, DATASETS
+from tool.wsi.contours import label_regions, region_polygons
+from tool.wsi.label_raster import LabelRaster
+from tool.wsi.slide_outputs import region_features, write_geojson
 
-TOLERANCE = 4  # grid pixels: the default --geojson_tolerance, 4 um, on the LUAD models' 1-um grid
+TOLERANCE_PX = 4  # grid pixels: the default --geojson_tolerance, 4 um, on the LUAD models' 1-um grid
 
 
 def tissue_mask(size, seed, rough=0.15, speck=0.05):
@@ -62,6 +62,27 @@ def overlap(polygons):
 
 
 # ---- region_polygons ------------------------------------------------------------------------------
+
+def scipy_label_regions(labels):
+    """label_regions as it was before OpenCV: scipy's labelling (4-connected by default)."""
+    regions = np.empty(labels.shape, np.int64)
+    region_labels = []
+    for value in np.unique(labels):
+        numbers, count = ndimage.label(labels == value)
+        where = numbers > 0
+        regions[where] = numbers[where] + (len(region_labels) - 1)
+        region_labels += [value] * count
+    return regions, np.array(region_labels, labels.dtype)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_regions_are_numbered_as_scipys_labelling_numbered_them(seed):
+    # the numbering is the output's order (reading order, label by label); OpenCV labels in parallel stripes
+    labels = tissue_mask(800, seed) if seed else np.random.default_rng(seed).integers(0, 3, (300, 500)).astype(np.uint8)
+    regions, region_labels = label_regions(labels)
+    expected_regions, expected_labels = scipy_label_regions(labels)
+    assert np.array_equal(regions, expected_regions) and np.array_equal(region_labels, expected_labels)
+
 
 @pytest.mark.parametrize('seed', range(4))
 def test_polygons_at_tolerance_0_are_exactly_the_regions_pixels(seed):
@@ -116,7 +137,7 @@ def test_simplified_polygons_tile_the_mask_and_no_region_vanishes(seed):
     """600 x 600, every pixel traced: ~2,000 regions, ~100 of them touching themselves at a corner."""
     labels = tissue_mask(600, seed)
     region_labels, exact = region_polygons(labels)
-    _, simple = region_polygons(labels, TOLERANCE)
+    _, simple = region_polygons(labels, TOLERANCE_PX)
     assert len(simple) == len(exact) > 1500
     # (an outline that touches one of its holes)
     assert sum(any(p.exterior.intersects(h) for h in p.interiors) for p in exact) > 50
@@ -126,7 +147,7 @@ def test_simplified_polygons_tile_the_mask_and_no_region_vanishes(seed):
     assert shapely.get_num_coordinates(simple).sum() < 0.4 * shapely.get_num_coordinates(exact).sum()  # 0.35
     # Visvalingam-Whyatt's tolerance is the square root of the areas it cuts: borders move by up to
     # a few times it (measured: 8.9 and 9.2 px).
-    assert shapely.hausdorff_distance(shapely.boundary(exact), shapely.boundary(simple)).max() < 3 * TOLERANCE
+    assert shapely.hausdorff_distance(shapely.boundary(exact), shapely.boundary(simple)).max() < 3 * TOLERANCE_PX
     counts = np.bincount(labels.ravel())
     areas = np.bincount(region_labels, weights=shapely.area(simple))
     assert np.abs(areas - counts).sum() < 0.01 * counts.sum()
@@ -134,18 +155,19 @@ def test_simplified_polygons_tile_the_mask_and_no_region_vanishes(seed):
 
 # ---- region_features: the GeoJSON -----------------------------------------------------------------
 
-def features_of(labels, folder, tolerance, level0_per_pixel=2):
+def features_of(labels, folder, tolerance_px, level0_per_pixel=2):
     """region_features of `labels` through a LabelRaster and a GeoJSON file: (class index, Polygon in
     mask pixels) of every feature."""
     raster = LabelRaster(str(folder / 'labels.raw'), *labels.shape)
     raster.append(labels)
     try:
-        features = region_features(raster, CLASS_NAMES['luad'], PALETTES['luad'], tolerance, level0_per_pixel)
+        features = region_features(raster, DATASETS['luad'].class_names, DATASETS['luad'].palette, tolerance_px,
+                                   level0_per_pixel)
     finally:
         raster.close()
     write_geojson(folder / 'regions.geojson', features)
     features = json.loads((folder / 'regions.geojson').read_text())['features']
-    names = list(CLASS_NAMES['luad'])
+    names = list(DATASETS['luad'].class_names)
     classes = np.array([names.index(f['properties']['classification']['name']) for f in features])
     polygons = np.array([shapely.geometry.shape(f['geometry']) for f in features])
     return classes, shapely.transform(polygons, lambda xy: xy / level0_per_pixel)
@@ -158,7 +180,7 @@ def test_features_are_valid_tile_the_tissue_and_keep_each_class_area(seed, tmp_p
     0.4-0.6 % area off), holes inside their outlines, no gaps deeper in the tissue than the
     tolerance (sampling and simplification move borders by up to about it)."""
     labels = tissue_mask(600, seed)
-    classes, polygons = features_of(labels, tmp_path, TOLERANCE)
+    classes, polygons = features_of(labels, tmp_path, TOLERANCE_PX)
     counts = np.bincount(labels.ravel(), minlength=BACKGROUND + 1)[:BACKGROUND]
     tissue = counts.sum()
     assert len(polygons) > 300 and set(classes) == {0, 1, 2, 3}
@@ -173,7 +195,7 @@ def test_features_are_valid_tile_the_tissue_and_keep_each_class_area(seed, tmp_p
     # every tissue pixel deeper than the tolerance from the glass is covered
     covered = shapely.union_all(polygons)
     shapely.prepare(covered)
-    rows, columns = np.nonzero(ndimage.distance_transform_edt(labels < BACKGROUND) > 2 * TOLERANCE)
+    rows, columns = np.nonzero(ndimage.distance_transform_edt(labels < BACKGROUND) > 2 * TOLERANCE_PX)
     assert shapely.contains_xy(covered, columns + 0.5, rows + 0.5).all()
 
 

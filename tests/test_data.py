@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tool.data import (BACKGROUND, CLASS_NAMES, PALETTES, TissueDataset, list_pngs, parse_label, read_labels_csv,
-                       read_mask, read_rgb)
-from tool.io import InputError
 from tests.compat import FIXTURES
+from tool.core.errors import InputError
+from tool.data.datasets import BACKGROUND, DATASETS
+from tool.data.patches import TissueDataset, list_pngs, parse_label, read_labels_csv, read_mask, read_rgb
 
 
 def rgb(h=8, w=8, seed=0):
@@ -15,7 +15,7 @@ def rgb(h=8, w=8, seed=0):
 
 def save_mask(mask, path):
     image = Image.fromarray(np.asarray(mask, np.uint8), 'P')
-    image.putpalette(PALETTES['luad'])
+    image.putpalette(DATASETS['luad'].palette)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -168,7 +168,7 @@ def test_custom_dataset_reads_labels_csv(tmp_path):
     (tmp_path / 'labels.csv').write_text('file,a,b,c,d\nb.png,0,0,1,1\na.png,1,0,0,0\nother.png,0,1,0,0\n')
     ds = TissueDataset(tmp_path, 'train', 'custom', labels_csv=tmp_path / 'labels.csv')
     assert ds.labels.tolist() == [[1, 0, 0, 0], [0, 0, 1, 1]] and ds[1]['label'].tolist() == [0, 0, 1, 1]
-    assert CLASS_NAMES['custom'] == CLASS_NAMES['luad'] and PALETTES['custom'] == PALETTES['luad']
+    assert DATASETS['custom'].class_names == DATASETS['luad'].class_names and DATASETS['custom'].palette == DATASETS['luad'].palette
     assert 'needs a labels CSV' in error(TissueDataset, tmp_path, 'train', 'custom')
     (tmp_path / 'labels.csv').write_text('a.png,1,0,0,0\n')
     message = error(TissueDataset, tmp_path, 'train', 'custom', labels_csv=tmp_path / 'labels.csv')

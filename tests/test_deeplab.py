@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from network.deeplab import DeepLab, deeplab_from_state_dict, init_deeplab_from_file
-from tool.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from tool.io import InputError
+from network.deeplab import DeepLab
 from tests.compat import FIXTURES, fixture_state_dict, reference_keys
+from tool.core.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from tool.core.errors import InputError
+from tool.core.models import deeplab_from_state_dict, init_deeplab_from_file, load_imagenet_backbone
 
 REDUCED = ('resnet50', 'resnet34', 'resnet18', 'mobilenet')
 
@@ -144,7 +145,8 @@ def test_imagenet_backbone_weights_load_by_torchvision_names(tmp_path):
     imagenet = torchvision.models.resnet34().state_dict()  # has fc.*, which DeepLab lacks
     path = tmp_path / 'resnet34.pth'
     save_checkpoint(imagenet, path)
-    model = DeepLab('resnet34', pretrained=str(path))
+    model = DeepLab('resnet34')
+    load_imagenet_backbone(model.backbone, str(path))
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, imagenet[k]), k
 

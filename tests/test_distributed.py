@@ -18,7 +18,7 @@ one process (run in-process, also one thread):
   tensors in torch 2.14, so no CPU test can compare training BatchNorm.
   What still differs are the random draws: each process draws its own dropout masks (stage 1:
   Dropout2d(0.5) before fc8 and the b6/b7 dropouts; stage 2: the decoder's dropouts), flips and
-  blur, from seed + rank. That is the noise of a 1-process run with other random draws, and on
+  blur, from (seed, epoch, rank). That is the noise of a 1-process run with other random draws, and on
   runs this small it dominates the update (1-process controls with other draws, measured: update
   directions agree with cosine ~0.4). So the weights are not compared element by element, but:
     * the size of the update ||w_end - w_start||, 2 processes / 1 process, within UPDATE_RATIO.
@@ -42,10 +42,11 @@ import pytest
 import torch
 
 from network.deeplab import DeepLab
-from network.resnet38_cls import Net
-from tool import generate_pm, stage1, stage2, utils
-from tool.checkpoint import load_checkpoint, read_state_dict
-from tool.synth import write_dataset
+from network.resnet38_cls import CAMClassifier
+from tool.core import distributed, runtime
+from tool.core.checkpoint import load_checkpoint, read_state_dict
+from tool.data.synth import write_dataset
+from tool.stages import pseudo_masks, stage1, stage2
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 0.0625  # ResNet-38 at 1/16 width: full depth, seconds on a CPU
@@ -63,12 +64,12 @@ STAGE2_LOSS_TOLERANCE = dict(rel=0.1)
 
 def test_autocast_dtype_is_bf16_where_supported_else_fp16_and_none_off_cuda(monkeypatch, capsys):
     cuda = torch.device('cuda')  # a device object only: nothing runs on it
-    assert utils.autocast_dtype(False, cuda) is None
+    assert runtime.autocast_dtype(False, cuda) is None
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: True)
-    assert utils.autocast_dtype(True, cuda) is torch.bfloat16
+    assert runtime.autocast_dtype(True, cuda) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: False)
-    assert utils.autocast_dtype(True, cuda) is torch.float16  # the callers then scale the loss
-    assert utils.autocast_dtype(True, torch.device('cpu')) is None
+    assert runtime.autocast_dtype(True, cuda) is torch.float16  # the callers then scale the loss
+    assert runtime.autocast_dtype(True, torch.device('cpu')) is None
     assert '--amp is for CUDA' in capsys.readouterr().out
 
 
@@ -77,10 +78,10 @@ def test_cpu_keeps_nchw_and_both_networks_give_the_same_numbers_in_channels_last
     check that nothing in them assumes NCHW: same logits and gradients in either layout. Width 1/8:
     at 1/16 (4 channels) oneDNN's channels_last backward of a strided 1x1 convolution corrupts
     memory on the CPU in torch 2.14, one more reason the CPU stays in NCHW."""
-    assert utils.configure_cuda_speed(torch.device('cpu')) == torch.contiguous_format
+    assert runtime.configure_cuda_speed(torch.device('cpu')) == torch.contiguous_format
     torch.manual_seed(0)
     images = torch.rand(2, 3, SIZE, SIZE)
-    for model, run in ((Net(4, 2 * WIDTH, frozen=False), lambda m, x: m(x, enable_pda=True)),
+    for model, run in ((CAMClassifier(4, 2 * WIDTH, frozen=False), lambda m, x: m(x, enable_pda=True)),
                        (DeepLab('resnet18', 16, num_classes=4), lambda m, x: m(x))):
         model.eval()  # no dropout: the two passes must see the same network
         outputs, grads = [], []
@@ -97,13 +98,14 @@ def test_cpu_keeps_nchw_and_both_networks_give_the_same_numbers_in_channels_last
 def test_data_workers_are_capped_by_the_cores_of_each_local_process(monkeypatch):
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
-    assert (utils.data_workers(10), utils.data_workers(3), utils.data_workers(0)) == (8, 3, 0)
+    assert (runtime.data_workers(10), runtime.data_workers(3), runtime.data_workers(0)) == (8, 3, 0)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
-    assert utils.data_workers(10) == 2
+    assert runtime.data_workers(10) == 2
 
 
 HOST_READS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__')
-TRAINING_CODE = {str(REPO / 'tool' / f) for f in ('stage1.py', 'stage2.py', 'losses.py', 'utils.py')} | \
+TRAINING_CODE = {str(REPO / 'tool' / f) for f in ('stages/stage1.py', 'stages/stage2.py', 'stages/training.py',
+                                                  'method/losses.py', 'core/runtime.py', 'core/distributed.py')} | \
                 {str(p) for p in (REPO / 'network').glob('*.py')}
 
 
@@ -150,13 +152,13 @@ def test_training_loops_read_back_to_the_host_only_at_log_steps(monkeypatch, tmp
     images = [torch.rand(2, 3, SIZE, SIZE) for _ in range(steps)]
 
     args = stage1.get_args_parser().parse_args(['--print_freq', '4', '--max_epoches', '4', '--lr', '1e-3'])
-    model = Net(4, WIDTH, frozen=False)
-    optimizer, lr_scheduler = stage1.make_optimizer(model, args, steps)
+    model = CAMClassifier(4, WIDTH, frozen=False)
+    optimizer = stage1.make_optimizer(model, args)
     loader = CountingLoader([{'image': x, 'label': torch.tensor([[1., 0, 1, 0], [0, 1, 0, 1]])} for x in images])
-    scaler = torch.amp.GradScaler('cuda', enabled=False)
+    scaler = runtime.grad_scaler(None)
     with host_reads_by_step(monkeypatch, loader) as reads:  # epoch 3: PDA on
-        stage1.train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, torch.device('cpu'), 3, 0, args,
-                               utils.MetricsLog(str(tmp_path / 's1.jsonl')))
+        stage1.train_one_epoch(model, optimizer, loader, torch.device('cpu'), 3, 0, args,
+                               runtime.MetricsLog(str(tmp_path / 's1.jsonl')), scaler)
     assert reads and set(reads) == {3, 5}
 
     args = stage2.get_args_parser().parse_args(['--epochs', '1', '--lr', '1e-3'])
@@ -165,7 +167,7 @@ def test_training_loops_read_back_to_the_host_only_at_log_steps(monkeypatch, tmp
     loader = CountingLoader([{'image': x, 'masks': masks} for x in images])
     with host_reads_by_step(monkeypatch, loader) as reads:
         stage2.train_one_epoch(model, stage2.make_optimizer(model, args), loader, torch.device('cpu'), 0, args,
-                               utils.MetricsLog(str(tmp_path / 's2.jsonl')))
+                               runtime.MetricsLog(str(tmp_path / 's2.jsonl')), scaler)
     assert stage2.LOG_EVERY > steps and reads and set(reads) == {steps - 1}
 
 
@@ -182,8 +184,8 @@ def batches_per_step(make_loader, monkeypatch, world_size, epoch):
     """[[names of the global batch]] of one epoch, the processes' batches of each step merged."""
     per_rank = []
     for rank in range(world_size):
-        monkeypatch.setattr(utils, 'get_rank', lambda: rank)
-        monkeypatch.setattr(utils, 'get_world_size', lambda: world_size)
+        monkeypatch.setattr(distributed, 'get_rank', lambda: rank)
+        monkeypatch.setattr(distributed, 'get_world_size', lambda: world_size)
         loader = make_loader()
         loader.sampler.set_epoch(epoch)
         per_rank.append([batch['name'] for batch in loader])
@@ -197,7 +199,7 @@ def test_both_runs_take_the_same_global_batches(data, monkeypatch):
          '--batch_size', str(batch), '--num_workers', '0']),
         torch.device('cpu'))[0]
     for name in ('get_rank', 'get_world_size'):  # stage 1 imported them by name
-        monkeypatch.setattr(stage1, name, lambda name=name: getattr(utils, name)())
+        monkeypatch.setattr(stage1, name, lambda name=name: getattr(distributed, name)())
     stage2_loader = lambda: stage2.make_train_loader(stage2.get_args_parser().parse_args(
         ['--dataroot', str(data), '--dataset', 'luad', '--batch-size', '8', '--workers', '0', '--device', 'cpu',
          '--supervision', 'gt']))
@@ -237,7 +239,7 @@ def stage1_runs(data, tmp_path_factory):
     folder = tmp_path_factory.mktemp('stage1')
     torch.manual_seed(0)
     start = folder / 'start.pth'
-    torch.save(Net(4, WIDTH).state_dict(), start)
+    torch.save(CAMClassifier(4, WIDTH).state_dict(), start)
     # --wt_dec 0: on these tiny gradients weight decay would make up most of the update. --pda
     # normalised: from this start every CAM is <= 0, the reference map zeroes the features in PDA's
     # epoch and the run stops as a dead classifier (tests/test_pda.py).
@@ -287,28 +289,28 @@ PM_ARGS = ['--dataset', 'luad', '--num_workers', 0, '--device', 'cpu', '--batch_
 
 
 @pytest.fixture(scope='module')
-def pseudo_masks(data, stage1_runs):
+def pm_source(data, stage1_runs):
     """One process writes the pseudo-masks into DATA/train_PM (stage 2 trains on them); returns
     the stage-1 checkpoint they come from."""
     checkpoint = stage1_runs[1] / 'stage1_checkpoint_trained_on_luad.pth'
-    generate_pm.main(generate_pm.get_args_parser().parse_args(map(str, [
+    pseudo_masks.main(pseudo_masks.get_args_parser().parse_args(map(str, [
         '--weights', checkpoint, '--dataroot', data, *PM_ARGS])))
     return checkpoint
 
 
-def test_pseudo_masks_of_two_processes_are_byte_identical(data, pseudo_masks, tmp_path):
-    torchrun('2_generate_PM.py', '--weights', pseudo_masks, '--dataroot', data, *PM_ARGS, '--out', tmp_path)
+def test_pseudo_masks_of_two_processes_are_byte_identical(data, pm_source, tmp_path):
+    torchrun('2_generate_PM.py', '--weights', pm_source, '--dataroot', data, *PM_ARGS, '--out', tmp_path)
     one = data / 'train_PM'
     for layer in ('PM_b4_5', 'PM_b5_2', 'PM_bn7'):
         names = sorted(os.listdir(one / layer))
         assert len(names) == TRAIN and sorted(os.listdir(tmp_path / layer)) == names
         assert all((one / layer / n).read_bytes() == (tmp_path / layer / n).read_bytes() for n in names)
-    assert json.loads((tmp_path / generate_pm.METRICS_FILE).read_text()) == \
-        json.loads((one / generate_pm.METRICS_FILE).read_text())
+    assert json.loads((tmp_path / pseudo_masks.METRICS_FILE).read_text()) == \
+        json.loads((one / pseudo_masks.METRICS_FILE).read_text())
 
 
 @pytest.fixture(scope='module')
-def stage2_runs(data, pseudo_masks, tmp_path_factory):
+def stage2_runs(data, pm_source, tmp_path_factory):
     """2 epochs at a global batch of 8 (4 per process) from DeepLab's own initialisation with
     --freeze-bn, in one process and in two; tested with the gate."""
     folder = tmp_path_factory.mktemp('stage2')
@@ -317,7 +319,7 @@ def stage2_runs(data, pseudo_masks, tmp_path_factory):
     torch.save({'state_dict': DeepLab('resnet18', 16, num_classes=4).state_dict()}, start)
     common = ['--dataroot', data, '--dataset', 'luad', '--resume', start, '--backbone', 'resnet18', '--freeze-bn',
               'True', '--epochs', 2, '--batch-size', 8, '--lr', 1e-3, '--workers', 0, '--device', 'cpu',
-              '--resume_stage1', pseudo_masks]
+              '--resume_stage1', pm_source]
     stage2.main(stage2.get_args_parser().parse_args(map(str, [*common, '--savepath', folder / 'one'])))
     torchrun('3_train_stage2.py', *common, '--savepath', folder / 'two')
     return start, folder / 'one', folder / 'two'
@@ -330,12 +332,12 @@ def test_stage2_training_in_two_processes_matches_one(stage2_runs):
     assert [r['epoch'] for r in records(two / 'metrics.jsonl') if r.get('split') == 'val'] == [0, 1]
 
 
-def test_stage2_test_scores_are_identical_in_one_and_two_processes(data, pseudo_masks, stage2_runs, tmp_path):
+def test_stage2_test_scores_are_identical_in_one_and_two_processes(data, pm_source, stage2_runs, tmp_path):
     """The 2-process run's test of its best checkpoint, with the gate, against one process testing
     it (--batch-size 4: the batches of 4 that each of the two processes ran)."""
     two = stage2_runs[2]
     stage2.main(stage2.get_args_parser().parse_args(map(str, [
-        '--test_only', '--resume', two / 'stage2_checkpoint_trained_on_luad.pth', '--resume_stage1', pseudo_masks,
+        '--test_only', '--resume', two / 'stage2_checkpoint_trained_on_luad.pth', '--resume_stage1', pm_source,
         '--dataroot', data, '--dataset', 'luad', '--batch-size', 4, '--workers', 0, '--device', 'cpu',
         '--savepath', tmp_path])))
     scores = json.loads((two / 'test_metrics.json').read_text())

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from network.resnet38_cls import Net
-from tool.data import parse_label, read_mask, read_rgb
-from tool.gradcam import grad_cam_reference, multi_layer_grad_cam
-from tool.pseudo_mask import background_mask, pseudo_mask
+from network.resnet38_cls import CAMClassifier
 from tests.compat import FIXTURES, fixture_state_dict
+from tool.core.models import classifier_from_state_dict
+from tool.data.patches import parse_label, read_mask, read_rgb
+from tool.method.gradcam import grad_cam_reference, multi_layer_grad_cam
+from tool.method.pseudo_mask import background_mask, pseudo_mask
 
 LAYERS = ('b4_5', 'b5_2', 'bn7')
 
@@ -17,7 +18,7 @@ LAYERS = ('b4_5', 'b5_2', 'bn7')
 def small_model(seed=0):
     """Width 0.125, float64, BatchNorm statistics away from identity, eval mode."""
     torch.manual_seed(seed)
-    model = Net(n_class=4, width=0.125, frozen=False)
+    model = CAMClassifier(n_class=4, width=0.125, frozen=False)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -102,7 +103,7 @@ def test_train_mode_is_refused():
 
 @pytest.fixture(scope='module')
 def reference_model():
-    return Net.from_state_dict(fixture_state_dict('stage1_resnet38_cls')).eval()
+    return classifier_from_state_dict(fixture_state_dict('stage1_resnet38_cls')).eval()
 
 
 def read_input(path):

@@ -1,4 +1,4 @@
-"""Inference (4_infer.py, tool/infer.py, tool/sliding_window.py, tool/image_source.py) with a tiny
+"""Inference (4_infer.py, tool/inference/infer.py, tool/inference/sliding_window.py, tool/inference/image_source.py) with a tiny
 DeepLab (MobileNetV2 backbone, random weights) on small images: outputs, metrics, tiled blending
 against the whole-image computation, a pyramid level through OpenSlide, memory bound, errors.
 Whole slides at a resolution, tissue detection and the slide outputs: tests/test_wsi.py."""
@@ -17,17 +17,19 @@ import torch
 from PIL import Image
 
 from network.deeplab import DeepLab
-from network.resnet38_cls import Net as Stage1Net
-from tool import infer
-from tool.checkpoint import read_state_dict
-from tool.data import CLASS_NAMES, PALETTES, read_mask, read_rgb
-from tool.gate import gate_classes, gated_prediction
-from tool.image_source import PixelArray, image_size, open_image, reflect_pad
-from tool.io import run_cli, save_palette_png, save_png
-from tool.metrics import ConfusionMatrix, scores_to_json
-from tool.overlay import overlay
-from tool.slide_reader import over_white
-from tool.sliding_window import blend_window, blended_rows, tile_starts
+from network.resnet38_cls import CAMClassifier
+from tool.core.checkpoint import read_state_dict
+from tool.core.errors import run_cli
+from tool.core.files import save_palette_png, save_png
+from tool.data.datasets import DATASETS
+from tool.data.patches import read_mask, read_rgb
+from tool.inference import infer
+from tool.inference.image_source import PixelArray, image_height_width, open_image, reflect_pad
+from tool.inference.overlay import overlay
+from tool.inference.sliding_window import blend_window, blended_rows, tile_starts
+from tool.method.gate import gate_classes, gated_prediction
+from tool.method.metrics import ConfusionMatrix, scores_to_json
+from tool.wsi.slide_reader import over_white
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE, OVERLAP = 64, 16
@@ -179,7 +181,7 @@ def test_a_run_started_at_any_row_yields_the_same_floats_as_a_run_from_the_top(h
     """start_row (a slide resumed after a kill): the rows from there on are those of the run from
     row 0, bit for bit, with and without skipped tiles (rows of tiles without any, too), for
     overlaps under and over half a tile; only the rows of tiles that reach below start_row run again."""
-    from tool.sliding_window import resumed_tiles, tile_grid
+    from tool.inference.sliding_window import resumed_tiles, tile_grid
     rgb = random_image(height, width, seed=height + tile)
     tile_h, tile_w, ys, xs = tile_grid(height, width, tile, overlap)
     rng = np.random.default_rng(tile * overlap)
@@ -212,8 +214,8 @@ def test_a_run_started_at_any_row_yields_the_same_floats_as_a_run_from_the_top(h
 MEMORY_PROBE = '''
 import json, resource, sys
 import numpy as np, torch
-from tool.image_source import PixelArray
-from tool.sliding_window import blended_rows
+from tool.inference.image_source import PixelArray
+from tool.inference.sliding_window import blended_rows
 
 def logits(rgb):  # four "classes" from the pixels: cheap, the probe measures memory, not a network
     x = torch.as_tensor(rgb).permute(0, 3, 1, 2).float() / 255
@@ -259,7 +261,7 @@ def test_folder_of_patches_writes_masks_overlays_areas_and_metrics(checkpoint, p
     patches['small'] = random_image(40, 48, seed=20)  # smaller than the tile: padded to it, cropped back
     for name, rgb in patches.items():
         save_png(rgb, images / f'{name}.png')
-        save_palette_png(rng.integers(0, 5, rgb.shape[:2]), PALETTES['bcss'], truth / f'{name}.png')
+        save_palette_png(rng.integers(0, 5, rgb.shape[:2]), DATASETS['bcss'].palette, truth / f'{name}.png')
     (images / 'notes.txt').write_text('not an image')
 
     cli(checkpoint, images, tmp_path / 'out', '--dataset', 'bcss', '--masks', truth, '--batch_size', 2)
@@ -273,22 +275,22 @@ def test_folder_of_patches_writes_masks_overlays_areas_and_metrics(checkpoint, p
     assert list(areas) == sorted(patches)
     for name, rgb in patches.items():
         mask_image = Image.open(out / 'masks' / f'{name}.png')
-        assert mask_image.mode == 'P' and mask_image.getpalette()[:15] == PALETTES['bcss']
+        assert mask_image.mode == 'P' and mask_image.getpalette()[:15] == DATASETS['bcss'].palette
         mask = np.asarray(mask_image)
         # whole patches: the argmax of the model's logits, as the reference's test phase
         height, width = rgb.shape[:2]
         assert_argmax(mask, predictor(reflect_pad(rgb, TILE, TILE)[None])[0, :, :height, :width])
         assert np.array_equal(read_rgb(out / 'overlays' / f'{name}.png'),
-                              overlay(PixelArray(rgb), mask, PALETTES['bcss']))
+                              overlay(PixelArray(rgb), mask, DATASETS['bcss'].palette))
         row = areas[name]
         counts = np.bincount(mask.ravel(), minlength=4)
         assert int(row['pixels']) == mask.size
-        assert [int(row[f'{c}_pixels']) for c in CLASS_NAMES['bcss']] == counts.tolist()
-        fractions = [float(row[c]) for c in CLASS_NAMES['bcss']]
+        assert [int(row[f'{c}_pixels']) for c in DATASETS['bcss'].class_names] == counts.tolist()
+        fractions = [float(row[c]) for c in DATASETS['bcss'].class_names]
         assert np.allclose(fractions, counts / mask.size, atol=1e-6) and abs(sum(fractions) - 1) < 1e-5
         confusion.update(read_mask(truth / f'{name}.png'), mask)
     assert json.loads((out / 'metrics.json').read_text()) == {
-        'prediction': 'stage 2', 'images': 4, **json.loads(json.dumps(scores_to_json(confusion.scores(), CLASS_NAMES['bcss'])))}
+        'prediction': 'stage 2', 'images': 4, **json.loads(json.dumps(scores_to_json(confusion.scores(), DATASETS['bcss'].class_names)))}
     printed = capsys.readouterr().out
     assert '4 image(s) segmented' in printed and 'TUM' in printed and 'MIoU' in printed
 
@@ -297,15 +299,15 @@ def test_overlay_is_the_references_fuse_of_mask_and_image():
     cv2 = pytest.importorskip('cv2')
     rgb = random_image(50, 70, seed=3)
     labels = np.random.default_rng(0).integers(0, 5, (50, 70)).astype(np.uint8)
-    colours = np.asarray(PALETTES['luad'], np.uint8).reshape(-1, 3)[labels]
+    colours = np.asarray(DATASETS['luad'].palette, np.uint8).reshape(-1, 3)[labels]
     expected = cv2.addWeighted(colours, 0.3, rgb, 0.7, 0)
-    assert np.abs(overlay(PixelArray(rgb), labels, PALETTES['luad'], rows=16).astype(int) - expected).max() <= 1
+    assert np.abs(overlay(PixelArray(rgb), labels, DATASETS['luad'].palette, rows=16).astype(int) - expected).max() <= 1
 
 
 @pytest.mark.parametrize('mode', ['multiply', 'mask'])
 def test_gate_equals_gated_prediction_of_the_stage1_classifier(checkpoint, predictor, tmp_path, mode):
     torch.manual_seed(0)
-    stage1 = Stage1Net(n_class=4, width=1 / 16).eval()
+    stage1 = CAMClassifier(n_class=4, width=1 / 16).eval()
     with torch.no_grad():  # features are >= 0 (and small at random init): a large negative row makes a class absent
         stage1.fc8.weight.copy_(torch.tensor([1e3, -1e3, 1e3, 1e3])[:, None, None, None].expand_as(stage1.fc8.weight))
     torch.save(stage1.state_dict(), tmp_path / 'stage1.pth')
@@ -337,7 +339,7 @@ def test_large_png_and_flat_tiff_are_tiled_like_the_library_computes(checkpoint,
     for name in ('big', 'flat'):
         assert np.array_equal(read_mask(tmp_path / 'out' / 'masks' / f'{name}.png'), expected), name
     assert np.array_equal(read_rgb(tmp_path / 'out' / 'overlays' / 'big.png'),
-                          overlay(PixelArray(rgb), expected, PALETTES['luad']))
+                          overlay(PixelArray(rgb), expected, DATASETS['luad'].palette))
 
 
 def slide_outputs(out, name='slide'):
@@ -357,7 +359,7 @@ def test_a_pyramid_level_through_openslide_equals_tiling_the_same_pixels(checkpo
     pixels = tifffile.TiffFile(tmp_path / 'slide.tif').series[0].levels[level].asarray()
     assert mask.shape == (192 >> level, 256 >> level) == pixels.shape[:2]
     assert np.array_equal(mask, tiled_labels(pixels, predictor))
-    assert np.array_equal(overlaid, overlay(PixelArray(pixels), mask, PALETTES['luad']))
+    assert np.array_equal(overlaid, overlay(PixelArray(pixels), mask, DATASETS['luad'].palette))
 
 
 def test_a_slide_level_that_fits_in_one_tile_is_predicted_whole(checkpoint, predictor, tmp_path):
@@ -375,7 +377,7 @@ def test_large_images_lift_pils_decompression_bomb_limit_only_while_reading(tmp_
     save_png(random_image(64, 64, seed=0), tmp_path / 'a.png')
     with pytest.raises(Image.DecompressionBombError):
         Image.open(tmp_path / 'a.png')
-    assert image_size(str(tmp_path / 'a.png')) == (64, 64)
+    assert image_height_width(str(tmp_path / 'a.png')) == (64, 64)
     with open_image(str(tmp_path / 'a.png')) as image:
         assert image.read(60, 10).shape == (4, 64, 3)
     assert Image.MAX_IMAGE_PIXELS == 1000
@@ -403,7 +405,7 @@ def test_finished_images_are_skipped_unless_overwrite_and_areas_cover_every_mask
     out = tmp_path / 'out'
     cli(checkpoint, tmp_path / 'img', out)
     original = read_mask(out / 'masks' / 'p0.png')
-    save_palette_png(np.full_like(original, 3), PALETTES['luad'], out / 'masks' / 'p0.png')  # "finished" earlier
+    save_palette_png(np.full_like(original, 3), DATASETS['luad'].palette, out / 'masks' / 'p0.png')  # "finished" earlier
     capsys.readouterr()
 
     cli(checkpoint, tmp_path / 'img', out)
@@ -439,7 +441,7 @@ def test_bad_checkpoint_exits_2_with_one_line(checkpoint, tmp_path, monkeypatch,
 
 def test_input_errors_exit_2_with_one_line(checkpoint, tmp_path, capsys):
     save_png(random_image(TILE, TILE, seed=0), tmp_path / 'img' / 'p.png')
-    torch.save(Stage1Net(n_class=4, width=1 / 16).state_dict(), tmp_path / 'stage1.pth')
+    torch.save(CAMClassifier(n_class=4, width=1 / 16).state_dict(), tmp_path / 'stage1.pth')
     base = ['--checkpoint', checkpoint, '--input', tmp_path / 'img', '--out', tmp_path / 'out', '--device', 'cpu']
     cases = [
         (['--checkpoint', tmp_path / 'stage1.pth'], 'not a DeepLab state_dict'),

@@ -4,8 +4,8 @@ run left alone: the same final weights, the same test metrics, the same per-step
 
 Each run is a subprocess of the real command line on the CPU with one thread, so that the only
 difference between the two runs is the kill. Exact equality is expected: every random draw of an
-epoch is restored (stage 1) or re-seeded from (seed, epoch) (stage 2), and a one-threaded CPU
-computes the same floats in the same order."""
+epoch is seeded from (seed, epoch) in both stages, the learning rate follows from the step, and a
+one-threaded CPU computes the same floats in the same order."""
 import json
 import os
 import signal
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tool.checkpoint import load_checkpoint, read_state_dict
-from tool.synth import write_dataset
+from tool.core.checkpoint import load_checkpoint, read_state_dict
+from tool.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread: the same summation order in every run; and far faster on a shared machine.

@@ -6,8 +6,9 @@ import torch
 from PIL import Image, ImageFilter
 
 from bench import data as bench_data
-from tool.data import TissueDataset, batch_to_device, random_augment
 from tests.test_data import error, make_root, save_mask
+from tool.data.patches import TissueDataset, batch_to_device, random_augment
+from tool.method.paper_layers import pseudo_mask_dirs
 
 MASK_DIRS = ['train_gt', 'other']
 CPU = torch.device('cpu')
@@ -103,7 +104,7 @@ def test_bench_dataset_copies_drawn_patches_under_labelled_names(tmp_path, monke
     monkeypatch.setattr(bench_data, 'UNIQUE_PATCHES', 3)
     root = tmp_path / 'synth'
     bench_data.write_bench_dataset(str(root), 16, 7, seed=0)
-    dataset = TissueDataset(root, 'train', 'luad', mask_dirs=bench_data.PSEUDO_MASK_DIRS)
+    dataset = TissueDataset(root, 'train', 'luad', mask_dirs=pseudo_mask_dirs())
     assert len(dataset) == 7
     drawn = sorted(p.name for p in (root / 'train').iterdir() if not p.name.startswith('copy'))
     assert len(drawn) == 3

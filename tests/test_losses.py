@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tool.losses import pseudo_supervision_loss, segmentation_loss, with_background_channel
+from tool.method.losses import pseudo_supervision_loss, segmentation_loss, with_background_channel
 
 
 def explicit_ce(logits, target):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tool.metrics import ConfusionMatrix, format_table, scores_from_matrix, scores_to_json
+from tool.method.metrics import ConfusionMatrix, format_table, scores_from_matrix, scores_to_json
 
 
 def test_hand_computed_case():

@@ -1,6 +1,6 @@
 """What the network is shown at inference: tiles of the size it was trained on (recorded by
 3_train_stage2.py, the reference's 224 px otherwise), images smaller than a tile padded to it,
-white non-tissue made background by the pseudo-masks' rule (tool/infer.py)."""
+white non-tissue made background by the pseudo-masks' rule (tool/inference/infer.py)."""
 import numpy as np
 import pytest
 import torch
@@ -8,11 +8,13 @@ import torch
 from network.deeplab import DeepLab
 from tests.test_infer import random_image, run
 from tests.test_stage2 import write_dataset
-from tool import infer, stage2
-from tool.data import BACKGROUND, PALETTES, TissueDataset, read_mask
-from tool.image_source import PixelArray, ReflectPadded, reflect_pad
-from tool.io import save_png
-from tool.pseudo_mask import background_mask
+from tool.core.files import save_png
+from tool.data.datasets import BACKGROUND, DATASETS
+from tool.data.patches import TissueDataset, read_mask
+from tool.inference import infer
+from tool.inference.image_source import PixelArray, ReflectPadded, reflect_pad
+from tool.method.pseudo_mask import background_mask
+from tool.stages import stage2
 
 
 def save_checkpoint(path, model, **extra):
@@ -110,7 +112,7 @@ def test_the_white_rule_follows_the_datasets_labels(model, tmp_path, dataset, ex
     labels = read_mask(tmp_path / 'out' / 'masks' / 'w.png')
     assert (labels[20:50, 30:60] == BACKGROUND).all() == expect_background
     assert not (labels == BACKGROUND)[~background_mask(white_scene())].any()
-    assert PALETTES[dataset][3 * BACKGROUND:3 * BACKGROUND + 3] == [255, 255, 255]
+    assert DATASETS[dataset].palette[3 * BACKGROUND:3 * BACKGROUND + 3] == [255, 255, 255]
 
 
 def settled(*flags, record=None, needs_mpp=True):

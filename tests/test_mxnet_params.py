@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from network import resnet38d
-from network.resnet38_cls import Net, load_backbone
-from tool import convert_weights
-from tool.checkpoint import read_state_dict, state_dict_diff
-from tool.io import InputError
-from tool.mxnet_params import read_params, resnet38d_state_dict, torch_key
+from network.resnet38_cls import CAMClassifier
 from tests.compat import FIXTURES
+from tool.core import convert_weights
+from tool.core.checkpoint import read_state_dict, state_dict_diff
+from tool.core.errors import InputError
+from tool.core.models import load_classifier_backbone
+from tool.core.mxnet_params import read_params, resnet38d_state_dict, torch_key
 
 REPO = Path(__file__).resolve().parents[1]
 MXNET_FIXTURES = FIXTURES / 'mxnet'
@@ -140,7 +141,7 @@ def mxnet_name(key):
 
 def test_convert_weights_cli(tmp_path, capsys):
     torch.manual_seed(0)
-    backbone = {k: v for k, v in resnet38d.Net(width=0.125).state_dict().items()
+    backbone = {k: v for k, v in resnet38d.ResNet38(width=0.125).state_dict().items()
                 if not k.endswith('num_batches_tracked')}
     arrays = {mxnet_name(k): v.numpy() for k, v in backbone.items()}
     arrays['arg:linear1000_weight'] = np.zeros((1000, 512), np.float32)
@@ -153,12 +154,12 @@ def test_convert_weights_cli(tmp_path, capsys):
     assert 'dropped from the file: arg:linear1000_weight, arg:linear1000_bias' in printed
     assert printed.strip().endswith('(left at init): fc8.weight')
     converted = read_state_dict(out)
-    assert state_dict_diff(Net(width=0.125).state_dict(), converted) == '1 missing: fc8.weight [4, 512, 1, 1]'
-    model = load_backbone(Net(width=0.125), converted, out)
+    assert state_dict_diff(CAMClassifier(width=0.125).state_dict(), converted) == '1 missing: fc8.weight [4, 512, 1, 1]'
+    model = load_classifier_backbone(CAMClassifier(width=0.125), converted, out)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone.items())
 
     cut = write(tmp_path / 'cut.params', params.read_bytes()[:-5000])
-    run = subprocess.run([sys.executable, '-m', 'tool.convert_weights', str(cut), str(out)],
+    run = subprocess.run([sys.executable, '-m', 'tool.core.convert_weights', str(cut), str(out)],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.startswith(f'error: {cut}: truncated') and run.stderr.count('\n') == 1

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from network.pda import PDA_MODES, progressive_dropout_attention
-from network.resnet38_cls import Net
-from tool import stage1
-from tool.io import run_cli
-from tool.synth import write_dataset
-from tool.utils import MetricsLog
+from network.resnet38_cls import CAMClassifier
+from tool.core.errors import run_cli
+from tool.core.runtime import MetricsLog, grad_scaler
+from tool.data.synth import write_dataset
+from tool.stages import stage1
 
 WIDTH = 0.0625
 
@@ -57,7 +57,7 @@ def test_where_every_cam_is_negative_reference_zeroes_and_normalised_keeps_the_f
 def test_modes_are_checked():
     assert PDA_MODES == ('reference', 'normalised')
     with pytest.raises(ValueError, match='pda_mode'):
-        Net(4, WIDTH, pda_mode='auto')
+        CAMClassifier(4, WIDTH, pda_mode='auto')
     with pytest.raises(ValueError, match='PDA mode'):
         progressive_dropout_attention(torch.rand(1, 2, 2, 2), torch.rand(4, 2, 1, 1), 1.0, 'other')
 
@@ -75,15 +75,14 @@ def epoch_with_pda(pda, tmp_path, steps=6):
     torch.manual_seed(0)
     args = stage1.get_args_parser().parse_args(['--weights', 'none', '--pda', pda, '--lr', '0.01',
                                                 '--print_freq', '1', '--max_epoches', '4'])
-    model = Net(4, WIDTH, frozen=False, pda_mode=pda)
+    model = CAMClassifier(4, WIDTH, frozen=False, pda_mode=pda)
     with torch.no_grad():
         model.fc8.weight.copy_(-model.fc8.weight.abs())
-    optimizer, lr_scheduler = stage1.make_optimizer(model, args, steps)
+    optimizer = stage1.make_optimizer(model, args)
     label = torch.tensor([[1., 0, 1, 0], [0, 1, 0, 1]])
     loader = [{'image': torch.rand(2, 3, 32, 32), 'label': label} for _ in range(steps)]
-    scaler = torch.amp.GradScaler('cuda', enabled=False)
     log = MetricsLog(str(tmp_path / f'{pda}.jsonl'))
-    stage1.train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, torch.device('cpu'), 3, 0, args, log)
+    stage1.train_one_epoch(model, optimizer, loader, torch.device('cpu'), 3, 0, args, log, grad_scaler(None))
     return [r['loss'] for r in map(json.loads, open(tmp_path / f'{pda}.jsonl')) if 'loss' in r]
 
 

@@ -1,4 +1,4 @@
-"""The whole pipeline (tool/pipeline.py) in its quick configuration: a tiny synthetic dataset,
+"""The whole pipeline (tool/pipeline/runner.py) in its quick configuration: a tiny synthetic dataset,
 every stage script as a child process, the run folder, the summary and the contact sheet."""
 import json
 import os
@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tool import pipeline
-from tool.contact_sheet import COLUMNS, GAP, MIN_TILE, TEXT_HEIGHT, choose_patches
-from tool.data import PALETTES, list_pngs
-from tool.gradcam import PAPER_LAYERS
-from tool.io import InputError
+from tool.core.errors import InputError
+from tool.data.datasets import DATASETS
+from tool.data.patches import list_pngs
+from tool.method.paper_layers import PAPER_LAYERS
+from tool.pipeline import runner
+from tool.pipeline.contact_sheet import COLUMNS, GAP, MIN_TILE, TEXT_HEIGHT, choose_patches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = pipeline.CONFIGS['quick']['synthetic']
+QUICK = runner.CONFIGS['quick']['synthetic']
 STAGES = ('data', 'stage1', 'pseudo_masks', 'stage2', 'ablation_bn7', 'fully_supervised', 'predictions')
 LOGS = ('data', 'stage1', 'pseudo_masks', 'stage2', 'ablation_bn7', 'fully_supervised', 'test_predictions',
         'train_predictions')
@@ -51,7 +52,7 @@ def test_run_folder_holds_every_stage(run):
                  'test_predictions/metrics.json', 'train_predictions/metrics.json',
                  *[f'logs/{stage}.log' for stage in LOGS]):
         assert os.path.isfile(os.path.join(folder, name)), name
-    for name in pipeline.RESUME_FILES:  # only needed to continue an interrupted training
+    for name in runner.RESUME_FILES:  # only needed to continue an interrupted training
         assert not os.path.exists(os.path.join(folder, name)), name
     # Each log starts with the command line of its stage.
     with open(os.path.join(folder, 'logs', 'stage2.log')) as f:
@@ -59,7 +60,7 @@ def test_run_folder_holds_every_stage(run):
     assert first.startswith('$ ') and '3_train_stage2.py' in first and '--supervision multilayer' in first
     record = read_json(folder, 'run_args.json')
     assert record['args']['config'] == 'quick' and record['args']['out'] == folder
-    assert record['args']['config_flags'] == pipeline.CONFIGS['quick'] and 'torch' in record['versions']
+    assert record['args']['config_flags'] == runner.CONFIGS['quick'] and 'torch' in record['versions']
     # A pseudo-mask per training patch and layer; the run's masks are what stage 2 read (data/train_PM).
     train = list_pngs(os.path.join(folder, 'synthetic', 'train'))
     assert len(train) == QUICK['train']
@@ -118,41 +119,116 @@ def test_summary_repeats_what_the_stages_measured(run):
     assert sum(times[stage]['cpu_s'] for stage in STAGES) <= times['total']['cpu_s'] + 0.5
 
 
+def markdown_tables(text):
+    """The Markdown tables in `text`, in order: each a list of rows of stripped cells, the
+    alignment line left out."""
+    tables, table = [], None
+    for line in text.splitlines():
+        if not line.startswith('|'):
+            table = None
+            continue
+        cells = [c.strip() for c in line.strip()[1:-1].split('|')]
+        if table is None:
+            table = []
+            tables.append(table)
+        if not all(c and set(c) <= set('-:') for c in cells):
+            table.append(cells)
+    return tables
+
+
+def number(cell):
+    """A table cell as a number; None where it is empty or 'n/a'. A note after the number, as in
+    '34.9 (beside stage 2)', is left out."""
+    value = cell.split(' (')[0]
+    return None if value in ('', 'n/a') else float(value)
+
+
+def stage2_minus_other(sentence):
+    """'... is 1.50 MIoU points below ...' -> -1.5: the findings say where stage 2 stands against
+    another result, in MIoU points."""
+    found = re.search(r' is (\d+\.\d\d) (?:MIoU )?points (above|below) ', sentence)
+    assert found, sentence
+    return float(found[1]) if found[2] == 'above' else -float(found[1])
+
+
+def iou_values(metrics):
+    return [v for v in metrics['iou'].values() if v is not None]  # None: a class in neither truth nor prediction
+
+
+HALF = 5e-5  # half the last place of a 4-decimal score
+
+
 @pytest.mark.slow
-def test_markdown_table_is_printed_and_saved(run):
+def test_summary_table_gives_the_numbers_the_stages_wrote(run):
     folder, stdout = run
-    summary = read_json(folder, 'summary.json')
     with open(os.path.join(folder, 'summary.md')) as f:
         markdown = f.read()
     table = markdown[markdown.index('| stage |'):]
     assert table.strip() in stdout  # the same table ends the printed output
-    rows = {cells[1]: cells for cells in (
-        [c.strip() for c in line.strip('|').split('|')] for line in table.splitlines() if line.startswith('| '))}
-    expected = {
-        'CAM, test patches': summary['stage1_cam_test'],
-        **{f'PM_{layer}, train patches vs train_gt': summary['pseudo_masks_train'][f'PM_{layer}']
-           for layer in PAPER_LAYERS},
-        'train patches vs train_gt (what it learnt from)': summary['stage2_train'],
-        'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate': summary['ablation_bn7_test'],
-        'test, no gate': summary['stage2_test']['no_gate'],
-        'test, gate (multiply, reference)': summary['stage2_test']['gate_multiply'],
-        'test, gate (mask)': summary['stage2_test']['gate_mask'],
-        'same model, data and budget, train_gt; test, no gate': summary['fully_supervised_test'],
+    results, class_iou = markdown_tables(markdown)
+    assert results[0] == ['stage', 'result', 'MIoU', 'FwIoU', 'wall (s)', 'CPU (s)']
+    rows = {cells[1]: [number(c) for c in cells[2:]] for cells in results[1:]}
+    # Scores: what each stage wrote in its own metrics file, at 4 decimals, in [0, 1], and
+    # consistent with that stage's per-class IoU (MIoU their mean, FwIoU a weighted mean).
+    stage2 = read_json(folder, 'stage2', 'test_metrics.json')['modes']
+    layers = read_json(folder, 'pseudo_masks', 'pseudo_mask_metrics.json')['layers']
+    train = read_json(folder, 'train_predictions', 'metrics.json')
+    ablation = read_json(folder, 'ablation_bn7', 'test_metrics.json')['modes']['no_gate']
+    fully = read_json(folder, 'fully_supervised', 'test_metrics.json')['modes']['no_gate']
+    written = {
+        'CAM, test patches': read_json(folder, 'stage1', 'stage1_test_metrics.json'),
+        **{f'PM_{layer}, train patches vs train_gt': layers[layer] for layer in PAPER_LAYERS},
+        'train patches vs train_gt (what it learnt from)': train,
+        'test, no gate': stage2['no_gate'],
+        'test, gate (multiply, reference)': stage2['gate_multiply'],
+        'test, gate (mask)': stage2['gate_mask'],
+        'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate': ablation,
+        'same model, data and budget, train_gt; test, no gate': fully,
     }
-    for result, s in expected.items():
-        assert rows[result][2:4] == [f'{s["miou"]:.4f}', f'{s["fwiou"]:.4f}'], result
-    times = summary['times']
-    assert rows['CAM, test patches'][4:] == [f'{times["stage1"]["wall_s"]:.1f}', f'{times["stage1"]["cpu_s"]:.1f}']
-    assert rows['all of the above'] == ['total', 'all of the above', '', '', f'{times["total"]["wall_s"]:.1f}',
-                                        f'{times["total"]["cpu_s"]:.1f}']
-    gap = summary['gap_points']
-    assert f'is {abs(gap):.2f} MIoU points {"below" if gap >= 0 else "above"} the fully-supervised model' in table
-    best = max(s['miou'] for s in summary['pseudo_masks_train'].values())
-    delta = 100 * (summary['stage2_train']['miou'] - best)
-    assert f'stage 2 is {abs(delta):.2f} points {"above" if delta >= 0 else "below"} its best pseudo-masks' in table
-    class_rows = [line for line in table.splitlines() if line.startswith('| stage 2 (multi-layer) |')]
-    iou = summary['class_iou_test']['stage2']
-    assert class_rows == ['| stage 2 (multi-layer) | ' + ' | '.join(f'{iou[c]:.4f}' for c in iou) + ' |']
+    assert {result for result, values in rows.items() if values[0] is not None} == set(written)
+    for result, metrics in written.items():
+        miou, fwiou = rows[result][:2]
+        assert 0 <= miou <= 1 and 0 <= fwiou <= 1, result
+        assert abs(miou - metrics['miou']) <= HALF and abs(fwiou - metrics['fwiou']) <= HALF, result
+        iou = iou_values(metrics)
+        assert metrics['miou'] == pytest.approx(np.mean(iou), abs=1e-12), result
+        assert min(iou) - 1e-12 <= metrics['fwiou'] <= max(iou) + 1e-12, result
+    # Times: each stage's on its first row, as the run measured them (0.1 s).
+    times = read_json(folder, 'summary.json')['times']
+    timed = {'dataset': 'data', 'CAM, test patches': 'stage1', 'PM_b4_5, train patches vs train_gt': 'pseudo_masks',
+             'train patches vs train_gt (what it learnt from)': 'stage2',
+             'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate': 'ablation_bn7',
+             'same model, data and budget, train_gt; test, no gate': 'fully_supervised',
+             'predictions of the test and train patches, contact sheet': 'predictions', 'all of the above': 'total'}
+    rows = {('dataset' if result.startswith('dataset ') else result): values for result, values in rows.items()}
+    assert {result for result, values in rows.items() if values[2] is not None} == set(timed)
+    for result, stage in timed.items():
+        wall, cpu = rows[result][2:]
+        assert (wall, cpu) == pytest.approx((times[stage]['wall_s'], times[stage]['cpu_s']), abs=0.051), result
+        assert 0 < wall <= rows['all of the above'][2] and 0 < cpu <= rows['all of the above'][3], result
+    # The findings: stage 2 (no gate) against full supervision, its best pseudo-masks on the
+    # training patches, and PM_bn7 alone, in points (2 decimals) from the stages' files.
+    findings = [line for line in table.splitlines() if line and not line.startswith('|')]
+    gap, own, loss = map(stage2_minus_other, findings)
+    weak = stage2['no_gate']['miou']
+    assert gap == pytest.approx(100 * (weak - fully['miou']), abs=0.0051)
+    best = max(PAPER_LAYERS, key=lambda layer: layers[layer]['miou'])
+    assert findings[1].endswith(f'its best pseudo-masks (PM_{best})')
+    assert own == pytest.approx(100 * (train['miou'] - layers[best]['miou']), abs=0.0051)
+    assert loss == pytest.approx(100 * (weak - ablation['miou']), abs=0.0051)
+    # Per-class IoU of the three stage-2 models on the test patches, whose mean is the table's MIoU.
+    assert class_iou[0] == ['test, no gate: IoU', *stage2['no_gate']['iou']]
+    models = {'stage 2 (multi-layer)': (stage2['no_gate'], 'test, no gate'),
+              'stage 2 on PM_bn7 alone': (ablation, 'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate'),
+              'fully supervised': (fully, 'same model, data and budget, train_gt; test, no gate')}
+    assert [cells[0] for cells in class_iou[1:]] == list(models)
+    for name, *cells in class_iou[1:]:
+        metrics, result = models[name]
+        values = [number(c) for c in cells]
+        assert len(values) == len(metrics['iou']) and all(0 <= v <= 1 for v in values if v is not None), name
+        for value, expected in zip(values, metrics['iou'].values()):
+            assert (value is None) if expected is None else abs(value - expected) <= HALF, name
+        assert np.mean([v for v in values if v is not None]) == pytest.approx(rows[result][0], abs=2 * HALF), name
 
 
 @pytest.mark.slow
@@ -161,7 +237,7 @@ def test_contact_sheet_shows_three_test_patches_in_six_columns(run):
     sheet = np.asarray(Image.open(os.path.join(folder, 'contact_sheet.png')).convert('RGB'))
     tile = MIN_TILE  # the 32 px patches are enlarged 4 times
     assert sheet.shape == (TEXT_HEIGHT + 3 * (tile + GAP) + 2 * TEXT_HEIGHT, len(COLUMNS) * (tile + GAP) - GAP, 3)
-    palette = np.asarray(PALETTES['luad']).reshape(-1, 3)
+    palette = np.asarray(DATASETS['luad'].palette).reshape(-1, 3)
     for column in range(1, len(COLUMNS)):  # truth, three pseudo-masks, prediction: palette colours only
         x = column * (tile + GAP)
         colours = np.unique(sheet[TEXT_HEIGHT:TEXT_HEIGHT + tile, x:x + tile].reshape(-1, 3), axis=0)
@@ -203,10 +279,10 @@ def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
 def test_synthetic_dataset_of_another_configuration_is_refused(run):
     folder, _ = run
     dataroot = os.path.join(folder, 'synthetic')
-    pipeline.check_synthetic(dataroot, QUICK)  # the one made for this configuration passes
+    runner.check_synthetic(dataroot, QUICK)  # the one made for this configuration passes
     with pytest.raises(InputError, match=re.escape(f'{dataroot}: holds {QUICK["train"]} train patches of '
                                                    f'{QUICK["size"]} px, this configuration expects 2000 of 64 px')):
-        pipeline.check_synthetic(dataroot, {'size': 64, 'train': 2000, 'val': 60, 'test': 60})
+        runner.check_synthetic(dataroot, {'size': 64, 'train': 2000, 'val': 60, 'test': 60})
 
 
 def test_summary_table_of_a_released_dataset_says_what_is_missing():
@@ -221,25 +297,38 @@ def test_summary_table_of_a_released_dataset_says_what_is_missing():
                'times': {'stage1': {'wall_s': 100.0, 'cpu_s': 98.0}, 'pseudo_masks': {'wall_s': 20.04, 'cpu_s': 19.96},
                          'stage2': {'wall_s': 300.0, 'cpu_s': 290.0}, 'predictions': {'wall_s': 5.0, 'cpu_s': 4.0},
                          'total': {'wall_s': 425.0, 'cpu_s': 412.0}}}
-    lines = pipeline.summary_table(summary).splitlines()
-    assert lines[2] == '| data | dataset datasets/LUAD-HistoSeg (present) |  |  |  |  |'
-    assert lines[3] == '| stage 1 | CAM, test patches | 0.5000 | 0.2500 | 100.0 | 98.0 |'
-    assert lines[4] == '| pseudo-masks | PM_b4_5, train patches vs train_gt | n/a | n/a | 20.0 | 20.0 |'
-    assert lines[7] == '| stage 2 | train patches vs train_gt (what it learnt from) | n/a | n/a | 300.0 | 290.0 |'
-    assert lines[11] == '| ablation | stage 2 on PM_bn7 alone (--supervision bn7); test, no gate | n/a | n/a |  |  |'
-    assert lines[12] == '| fully supervised | same model, data and budget, train_gt; test, no gate | n/a | n/a |  |  |'
-    assert lines[14] == '| total | all of the above |  |  | 425.0 | 412.0 |'
-    assert not any('points' in line for line in lines)
-    assert lines[-3:] == ['| test, no gate: IoU | TE | NEC | LYM | TAS |', '|---|---:|---:|---:|---:|',
-                          '| stage 2 (multi-layer) | 0.5000 | 0.2500 | 0.7500 | 0.5000 |']
-    # With train_gt and the ablation: what the rows say against each other, either way round.
+    markdown = runner.summary_table(summary)
+    table, class_iou = markdown_tables(markdown)
+    cells = {row[1]: row[2:] for row in table[1:]}
+    numbers = {result: [number(c) for c in row] for result, row in cells.items()}
+    assert table[1] == ['data', 'dataset datasets/LUAD-HistoSeg (present)', '', '', '', '']  # found, not generated
+    assert numbers['CAM, test patches'] == [0.5, 0.25, 100.0, 98.0]
+    assert [numbers[f'test, {gate}'][:2] for gate in ('no gate', 'gate (multiply, reference)', 'gate (mask)')] == \
+        [[0.5, 0.25]] * 3
+    # what could not be measured reads n/a (not 0, not blank)
+    for result in (*[f'PM_{layer}, train patches vs train_gt' for layer in PAPER_LAYERS],
+                   'train patches vs train_gt (what it learnt from)',
+                   'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate',
+                   'same model, data and budget, train_gt; test, no gate'):
+        assert cells[result][:2] == ['n/a', 'n/a'], result
+    # each stage's times on its first row, at 0.1 s; none for the stages that did not run
+    assert {result: values[2:] for result, values in numbers.items() if values[2] is not None} == {
+        'CAM, test patches': [100.0, 98.0], 'PM_b4_5, train patches vs train_gt': [20.0, 20.0],
+        'train patches vs train_gt (what it learnt from)': [300.0, 290.0],
+        'predictions of the test and train patches, contact sheet': [5.0, 4.0], 'all of the above': [425.0, 412.0]}
+    assert runner.findings(summary) == [] and 'points' not in markdown
+    assert class_iou[0] == ['test, no gate: IoU', *iou]
+    assert class_iou[1][0] == 'stage 2 (multi-layer)' and [number(c) for c in class_iou[1][1:]] == list(iou.values())
+    # With train_gt and the ablation: what the rows say against each other, either way round, in
+    # MIoU points of stage 2 against: full supervision, its best pseudo-masks, PM_bn7 alone.
     summary.update(fully_supervised_test=s, gap_points=-1.5, ablation_bn7_test={'miou': 0.52, 'fwiou': 0.3},
                    pseudo_masks_train={'PM_b4_5': s, 'PM_b5_2': {'miou': 0.6, 'fwiou': 0.6}, 'PM_bn7': s},
                    stage2_train={'miou': 0.65, 'fwiou': 0.6})
-    assert pipeline.findings(summary) == [
-        'stage 2 (weakly supervised, no gate) is 1.50 MIoU points above the fully-supervised model',
-        'on its training patches stage 2 is 5.00 points above its best pseudo-masks (PM_b5_2)',
-        'the multi-layer loss is 2.00 points below PM_bn7 alone on the test patches']
+    said = runner.findings(summary)
+    assert [stage2_minus_other(line) for line in said] == [1.5, 5.0, -2.0]
+    assert said[0].endswith('the fully-supervised model') and said[1].endswith('its best pseudo-masks (PM_b5_2)')
+    assert said[2].endswith('PM_bn7 alone on the test patches')
+    assert [line for line in runner.summary_table(summary).splitlines() if 'points' in line] == said
 
 
 def test_seeds_table_gives_mean_spread_and_every_seed():
@@ -251,42 +340,47 @@ def test_seeds_table_gives_mean_spread_and_every_seed():
                      'fully_supervised_test': None, 'gap_points': None, 'alongside': True,
                      'class_iou_test': {'stage2': {'TE': v, 'NEC': 1 - v}},
                      'times': {'stage1': {'wall_s': 1.0, 'cpu_s': 1.0}, 'total': {'wall_s': 300 + seed, 'cpu_s': 500.0}}})
-    lines = pipeline.seeds_table(runs).splitlines()
-    assert lines[0] == '| stage | result | MIoU mean | sd | min | max | seed 0 | seed 1 | seed 2 |'
-    assert lines[2] == '| stage 1 | CAM, test patches | 0.6000 | 0.1000 | 0.5000 | 0.7000 | 0.5000 | 0.6000 | 0.7000 |'
-    assert lines[3] == '|  | test, no gate | 0.7000 | 0.1000 | 0.6000 | 0.8000 | 0.6000 | 0.7000 | 0.8000 |'
-    assert lines[5] == ('| stage 2 (multi-layer) | IoU NEC, test, no gate | 0.4000 | 0.1000 | 0.3000 | 0.5000 | '
-                        '0.5000 | 0.4000 | 0.3000 |')
-    assert lines[6] == '| total | wall time of a run (s) | 301 | 1 | 300 | 302 | 300 | 301 | 302 |'
+    (header, *rows), = markdown_tables(runner.seeds_table(runs))
+    assert header == ['stage', 'result', 'MIoU mean', 'sd', 'min', 'max', 'seed 0', 'seed 1', 'seed 2']
+    assert [row[0] for row in rows] == ['stage 1', '', 'stage 2 (multi-layer)', 'stage 2 (multi-layer)', 'total', 'total']
+    per_seed = {'CAM, test patches': [0.5, 0.6, 0.7], 'test, no gate': [0.6, 0.7, 0.8],  # only what was scored
+                'IoU TE, test, no gate': [0.5, 0.6, 0.7], 'IoU NEC, test, no gate': [0.5, 0.4, 0.3],
+                'wall time of a run (s)': [300, 301, 302], 'CPU time of a run (s)': [500, 500, 500]}
+    assert [row[1] for row in rows] == list(per_seed)
+    for _, result, *cells in rows:
+        values = per_seed[result]
+        expected = [np.mean(values), np.std(values, ddof=1), min(values), max(values), *values]
+        places = 0.5 if 'time' in result else HALF  # times to the second, scores to 4 decimals
+        assert [number(c) for c in cells] == pytest.approx(expected, abs=places), result
 
 
 def test_reduced_recipe_trains_for_the_same_patches_seen_on_any_dataset(tmp_path):
     """10 and 6 epochs of the embedded 800 patches; more epochs on fewer patches, fewer on more,
     at least one; configurations without a budget give no flags."""
-    reduced = pipeline.CONFIGS['reduced']
+    reduced = runner.CONFIGS['reduced']
 
     def length(patches):
         folder = tmp_path / str(patches)
         folder.mkdir()
         for i in range(patches):
             (folder / f'p{i}.png').touch()
-        return pipeline.training_length(reduced, str(folder))
+        return runner.training_length(reduced, str(folder))
     assert length(reduced['synthetic']['train']) == {'stage1': ['--max_epoches', '10'], 'stage2': ['--epochs', '6']}
     assert length(600) == {'stage1': ['--max_epoches', '13'], 'stage2': ['--epochs', '8']}
     assert length(9000) == {'stage1': ['--max_epoches', '1'], 'stage2': ['--epochs', '1']}
     assert '--max_epoches' not in reduced['stage1'] and '--epochs' not in reduced['stage2']  # one source
-    assert pipeline.training_length(pipeline.CONFIGS['reference'], str(tmp_path / 'absent')) == {}
+    assert runner.training_length(runner.CONFIGS['reference'], str(tmp_path / 'absent')) == {}
 
 
 def test_default_configuration_follows_the_released_dataset(tmp_path, monkeypatch):
-    parse = lambda *a: pipeline.get_args_parser().parse_args(list(a))
-    monkeypatch.setattr(pipeline, 'ROOT', str(tmp_path))
-    assert pipeline.choose_config(parse('--dataset', 'bcss')) == 'reduced'
+    parse = lambda *a: runner.get_args_parser().parse_args(list(a))
+    monkeypatch.setattr(runner, 'ROOT', str(tmp_path))
+    assert runner.choose_config(parse('--dataset', 'bcss')) == 'reduced'
     os.makedirs(tmp_path / 'datasets' / 'BCSS-WSSS')
-    assert pipeline.choose_config(parse('--dataset', 'bcss')) == 'reference'
-    assert pipeline.choose_config(parse('--dataset', 'luad')) == 'reduced'
-    assert pipeline.choose_config(parse('--dataset', 'bcss', '--quick')) == 'quick'
-    assert pipeline.default_dataroot('reduced', 'bcss', 'r') == os.path.join(str(tmp_path), 'datasets', 'SYNTH-BCSS')
+    assert runner.choose_config(parse('--dataset', 'bcss')) == 'reference'
+    assert runner.choose_config(parse('--dataset', 'luad')) == 'reduced'
+    assert runner.choose_config(parse('--dataset', 'bcss', '--quick')) == 'quick'
+    assert runner.default_dataroot('reduced', 'bcss', 'r') == os.path.join(str(tmp_path), 'datasets', 'SYNTH-BCSS')
 
 
 def test_contact_sheet_prefers_patches_of_several_classes_in_name_order():

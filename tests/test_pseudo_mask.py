@@ -8,17 +8,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
-from network.resnet38_cls import Net
-from tool import generate_pm
-from tool.checkpoint import read_state_dict, save_checkpoint
-from tool.data import PALETTES, parse_label, read_mask, read_rgb
-from tool.gradcam import multi_layer_grad_cam
-from tool.io import InputError, run_cli
-from tool.metrics import ConfusionMatrix
-from tool.pseudo_mask import background_mask, grayscale, normalise, pseudo_mask
-from tool.synth import write_dataset
+from network.resnet38_cls import CAMClassifier
 from tests.compat import FIXTURES
+from tool.core.checkpoint import read_state_dict, save_checkpoint
+from tool.core.errors import InputError, run_cli
+from tool.core.models import classifier_from_state_dict
+from tool.data.datasets import DATASETS
+from tool.data.patches import parse_label, read_mask, read_rgb
+from tool.data.synth import write_dataset
+from tool.method.gradcam import multi_layer_grad_cam
+from tool.method.metrics import ConfusionMatrix
+from tool.method.pseudo_mask import background_mask, normalise, pseudo_mask
+from tool.stages import pseudo_masks
 
 LAYERS = ('b4_5', 'b5_2', 'bn7')
 
@@ -83,13 +86,40 @@ def test_label_may_be_a_tensor_and_output_is_uint8():
 
 # ---- the LUAD background -----------------------------------------------------------------------
 
-def test_grayscale_is_opencv_bit_for_bit():
-    rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    colours[0, :256] = np.arange(256)[:, None]  # every gray level
-    colours[1, :8] = [[255, 255, 255], [0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [201, 201, 201],
-                      [200, 200, 200], [201, 200, 200]]
-    np.testing.assert_array_equal(grayscale(colours), cv2.cvtColor(colours, cv2.COLOR_RGB2GRAY))
+def fixed_point_grayscale(rgb):
+    """The grayscale background_mask used before OpenCV's: Rec. 601 weights 0.299, 0.587, 0.114 in
+    15-bit fixed point, rounded (16384 = one half), as OpenCV 3.4 to 5 compute RGB2GRAY."""
+    rgb = np.asarray(rgb, dtype=np.int32)
+    return ((rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735 + 16384) >> 15).astype(np.uint8)
+
+
+def scipy_background_mask(rgb):
+    """background_mask as it was before OpenCV: scipy's labelling (its default structure is the
+    4-connected cross)."""
+    components, _ = ndimage.label(fixed_point_grayscale(rgb) > 200)
+    keep = np.bincount(components.ravel()) >= 50
+    keep[0] = False
+    return keep[components]
+
+
+def test_opencv_grayscale_is_the_fixed_point_formula_on_every_colour():
+    # the reference thresholds OpenCV's gray: any other rounding would move the white rule's border
+    every = np.arange(2 ** 24, dtype=np.uint32)
+    colours = np.stack([every >> 16, (every >> 8) & 255, every & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    np.testing.assert_array_equal(cv2.cvtColor(colours, cv2.COLOR_RGB2GRAY), fixed_point_grayscale(colours))
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_background_mask_is_the_scipy_rule_it_replaced(seed):
+    # white blobs of every size around the 50-pixel limit, touching at corners, on colours near gray 200
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.standard_normal((300, 400)).astype(np.float32), (0, 0), 1 + seed)
+    rgb = rng.integers(170, 215, (300, 400, 3), dtype=np.uint8)
+    rgb[noise > np.quantile(noise, 0.7)] = 255
+    mask = background_mask(rgb)
+    white = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) > 200
+    assert 0.1 < mask.mean() < white.mean()  # large white regions kept, small ones dropped
+    np.testing.assert_array_equal(mask, scipy_background_mask(rgb))
 
 
 def test_white_threshold_is_strictly_above_200():
@@ -143,7 +173,7 @@ def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('pm')
     write_dataset(str(root / 'synth'), 'luad', 64, {'train': 5, 'val': 1, 'test': 1}, seed=3)
     torch.manual_seed(0)
-    model = Net(n_class=4, width=0.125)
+    model = CAMClassifier(n_class=4, width=0.125)
     for m in model.modules():  # BatchNorm away from identity, so the maps are not trivial
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -153,10 +183,10 @@ def tiny_setup(tmp_path_factory):
 
 
 def run(root, out, *extra):
-    args = generate_pm.get_args_parser().parse_args(
+    args = pseudo_masks.get_args_parser().parse_args(
         ['--weights', str(root / 'tiny.pth'), '--dataroot', str(root / 'synth'), '--dataset', 'luad',
          '--num_workers', '0', '--device', 'cpu', '--batch_size', '2', '--out', str(out), *extra])
-    return generate_pm.main(args)
+    return pseudo_masks.main(args)
 
 
 def mtimes(out):
@@ -168,13 +198,13 @@ def test_cli_writes_reference_masks_named_like_the_patches(tiny_setup, tmp_path,
     root, out = tiny_setup, tmp_path / 'train_PM'
     run(root, out, '--save_cam', '--batch_size', '1')  # float32 rounding depends a little on the batch
     names = sorted(os.listdir(root / 'synth' / 'train'))
-    model = Net.from_state_dict(read_state_dict(str(root / 'tiny.pth'))).eval()
+    model = classifier_from_state_dict(read_state_dict(str(root / 'tiny.pth'))).eval()
     for name in names:
         rgb = read_rgb(root / 'synth' / 'train' / name)
         cams = multi_layer_grad_cam(model, torch.from_numpy(rgb.transpose(2, 0, 1) / np.float32(255))[None])
         for layer in LAYERS:
             image = Image.open(out / f'PM_{layer}' / name)
-            assert image.mode == 'P' and image.getpalette()[:15] == PALETTES['luad']
+            assert image.mode == 'P' and image.getpalette()[:15] == DATASETS['luad'].palette
             expected = pseudo_mask(cams[layer][0].numpy(), parse_label(name, 'luad'), background_mask(rgb))
             np.testing.assert_array_equal(np.array(image), expected)
         n_present = int(parse_label(name, 'luad').sum())
@@ -192,6 +222,15 @@ def test_cli_writes_reference_masks_named_like_the_patches(tiny_setup, tmp_path,
             matrix.update(read_mask(root / 'synth' / 'train_gt' / name), read_mask(out / f'PM_{layer}' / name))
         assert record['layers'][layer]['miou'] == pytest.approx(matrix.scores()['miou'])
     assert 'PM_b4_5' in capsys.readouterr().out
+
+
+def test_cam_pictures_use_opencvs_jet_within_3_levels_of_the_formula_it_replaced():
+    values = np.linspace(0, 1, 100_001, dtype=np.float32)[None]
+    formula = (255 * np.clip(1.5 - np.abs(4 * values[..., None] - np.array([3, 2, 1])), 0, 1)).astype(np.uint8)
+    colours = pseudo_masks.jet(values)
+    assert colours.shape == formula.shape and colours.dtype == np.uint8
+    assert np.abs(colours.astype(int) - formula).max() <= 3
+    assert pseudo_masks.jet(np.array([[np.nan]])).tolist() == pseudo_masks.jet(np.array([[0.0]])).tolist()
 
 
 def test_cli_skips_finished_patches_and_overwrite_recomputes(tiny_setup, tmp_path, capsys):
@@ -219,9 +258,9 @@ def test_cli_skips_finished_patches_and_overwrite_recomputes(tiny_setup, tmp_pat
 def test_cli_shards_patches_across_processes(tiny_setup, tmp_path, monkeypatch):
     root, out = tiny_setup, tmp_path / 'train_PM'
     names = sorted(os.listdir(root / 'synth' / 'train'))
-    monkeypatch.setattr(generate_pm, 'get_world_size', lambda: 2)
-    monkeypatch.setattr(generate_pm, 'get_rank', lambda: 1)
-    monkeypatch.setattr(generate_pm, 'is_main_process', lambda: False)
+    monkeypatch.setattr(pseudo_masks, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(pseudo_masks, 'get_rank', lambda: 1)
+    monkeypatch.setattr(pseudo_masks, 'is_main_process', lambda: False)
     run(root, out, '--layers', 'bn7')
     assert sorted(os.listdir(out / 'PM_bn7')) == names[1::2]
     assert not (out / 'pseudo_mask_metrics.json').exists()  # only the main process reports
@@ -235,14 +274,14 @@ def test_cli_bcss_has_no_background_channel(tmp_path):
         rgb[:32] = 255
         Image.fromarray(rgb).save(path)
     torch.manual_seed(0)
-    save_checkpoint(Net(n_class=4, width=0.125).state_dict(), str(tmp_path / 'tiny.pth'))
-    args = generate_pm.get_args_parser().parse_args(
+    save_checkpoint(CAMClassifier(n_class=4, width=0.125).state_dict(), str(tmp_path / 'tiny.pth'))
+    args = pseudo_masks.get_args_parser().parse_args(
         ['--weights', str(tmp_path / 'tiny.pth'), '--dataroot', str(tmp_path / 'bcss'), '--dataset', 'bcss',
          '--num_workers', '0', '--device', 'cpu', '--layers', 'bn7'])
-    generate_pm.main(args)
+    pseudo_masks.main(args)
     for path in (tmp_path / 'bcss' / 'train_PM' / 'PM_bn7').iterdir():
         image = Image.open(path)
-        assert image.getpalette()[:15] == PALETTES['bcss'] and np.array(image).max() < 4
+        assert image.getpalette()[:15] == DATASETS['bcss'].palette and np.array(image).max() < 4
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -252,11 +291,11 @@ def test_cli_bcss_has_no_background_channel(tmp_path):
     (['--batch_size', '0'], '--batch_size 0'),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_setup, tmp_path, flags, message, capsys):
-    args = generate_pm.get_args_parser().parse_args(
+    args = pseudo_masks.get_args_parser().parse_args(
         ['--weights', str(tiny_setup / 'tiny.pth'), '--dataroot', str(tiny_setup / 'synth'), '--dataset', 'luad',
          '--out', str(tmp_path / 'out'), *flags])
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(generate_pm.main, args)
+        run_cli(pseudo_masks.main, args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1

@@ -9,10 +9,11 @@ from torch import nn
 
 from network import resnet38d
 from network.pda import next_gamma, progressive_dropout_attention
-from network.resnet38_cls import FROZEN_LAYERS, Net, load_backbone
-from tool.checkpoint import read_state_dict, save_checkpoint
-from tool.io import InputError
+from network.resnet38_cls import CAMClassifier, FROZEN_LAYERS
 from tests.compat import FIXTURES, fixture_state_dict, reference_keys
+from tool.core.checkpoint import read_state_dict, save_checkpoint
+from tool.core.errors import InputError
+from tool.core.models import classifier_from_state_dict, load_classifier_backbone
 
 PATCHES = ('IHC-0-0-[1 0 0 1]', 'IHC-288-200-[1 0 1 1]')
 
@@ -32,7 +33,7 @@ def reference_weights():
 
 @pytest.fixture(scope='module')
 def reference_model(reference_weights):
-    return Net.from_state_dict(reference_weights).eval()
+    return classifier_from_state_dict(reference_weights).eval()
 
 
 def read_patch(name):
@@ -42,18 +43,18 @@ def read_patch(name):
 
 def small_net(**kwargs):
     torch.manual_seed(0)
-    return Net(width=0.125, **kwargs)
+    return CAMClassifier(width=0.125, **kwargs)
 
 
 def test_full_width_keys_and_shapes_equal_the_reference():
     with torch.device('meta'):  # shapes only
-        model = Net(n_class=4, width=1.0)
+        model = CAMClassifier(n_class=4, width=1.0)
     assert shapes(model) == [(k, v) for k, v in manifest().items()]
 
 
 def test_reduced_width_keeps_names_and_scales_channels():
     with torch.device('meta'):
-        model = Net(n_class=4, width=0.125)
+        model = CAMClassifier(n_class=4, width=0.125)
     expected = []
     for key, shape in manifest().items():
         fixed = {'conv1a.weight': 1, 'fc8.weight': 0}.get(key)  # RGB input, class count
@@ -65,7 +66,7 @@ def test_reduced_width_keeps_names_and_scales_channels():
 def test_reference_weights_load_strictly_in_every_wrapping(reference_weights):
     prefixed = {'module.' + k: v for k, v in reference_weights.items()}
     for wrapped in (reference_weights, prefixed, {'state_dict': reference_weights}):
-        model = Net.from_state_dict(wrapped)
+        model = classifier_from_state_dict(wrapped)
         assert (model.width, model.fc8.out_channels) == (1.0, 4)
         assert torch.equal(model.b4_5.conv_branch2a.weight, reference_weights['b4_5.conv_branch2a.weight'])
         assert torch.equal(model.bn7.running_var, reference_weights['bn7.running_var'])
@@ -111,7 +112,7 @@ def test_forward_layers_returns_block_outputs_from_one_pass():
     assert activations['bn7'] is features
     with torch.no_grad():
         chained = x
-        for name in resnet38d.Net.LAYERS[:resnet38d.Net.LAYERS.index('b4_5') + 1]:
+        for name in resnet38d.ResNet38.LAYERS[:resnet38d.ResNet38.LAYERS.index('b4_5') + 1]:
             chained = getattr(model, name)(chained)
     assert torch.allclose(activations['b4_5'], chained, atol=1e-6)
     assert torch.equal(model.forward_layers(x, ())[0], features)
@@ -237,25 +238,25 @@ def test_parameter_groups_hold_each_trainable_parameter_once(frozen):
 
 
 def test_from_state_dict_infers_width_and_classes(tmp_path):
-    saved = Net(n_class=3, width=0.25)
+    saved = CAMClassifier(n_class=3, width=0.25)
     save_checkpoint(saved.state_dict(), tmp_path / 'stage1.pth')
-    model = Net.from_state_dict(read_state_dict(tmp_path / 'stage1.pth'), frozen=False)
+    model = classifier_from_state_dict(read_state_dict(tmp_path / 'stage1.pth'), frozen=False)
     assert (model.width, model.fc8.out_channels, model.frozen) == (0.25, 3, False)
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
     broken = dict(saved.state_dict())
     del broken['b5_1.conv_branch2a.weight']
     with pytest.raises(InputError, match=r'stage1\.pth: .*missing: b5_1\.conv_branch2a\.weight'):
-        Net.from_state_dict(broken, path='stage1.pth')
+        classifier_from_state_dict(broken, path='stage1.pth')
     with pytest.raises(InputError, match='no fc8.weight'):
-        Net.from_state_dict({k: v for k, v in broken.items() if k != 'fc8.weight'}, path='stage1.pth')
+        classifier_from_state_dict({k: v for k, v in broken.items() if k != 'fc8.weight'}, path='stage1.pth')
 
 
 def test_load_backbone_leaves_fc8_at_init():
-    backbone = resnet38d.Net(width=0.125).state_dict()
+    backbone = resnet38d.ResNet38(width=0.125).state_dict()
     model = small_net()
     fc8 = model.fc8.weight.clone()
-    load_backbone(model, backbone)
+    load_classifier_backbone(model, backbone)
     assert torch.equal(model.fc8.weight, fc8)
     assert torch.equal(model.b7.conv_branch1.weight, backbone['b7.conv_branch1.weight'])
     with pytest.raises(InputError, match='wrong shape'):
-        load_backbone(model, resnet38d.Net(width=0.25).state_dict(), 'imagenet.pth')
+        load_classifier_backbone(model, resnet38d.ResNet38(width=0.25).state_dict(), 'imagenet.pth')

@@ -1,4 +1,4 @@
-"""Stage-1 training and CAM test (tool/stage1.py, 1_train_stage1.py) on tiny synthetic data."""
+"""Stage-1 training and CAM test (tool/stages/stage1.py, 1_train_stage1.py) on tiny synthetic data."""
 import json
 import math
 import os
@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from network import resnet38_cls
-from network.resnet38_cls import Net
-from tool import stage1
-from tool.checkpoint import load_checkpoint, read_state_dict
-from tool.io import InputError, run_cli
-from tool.metrics import ConfusionMatrix
-from tool.synth import write_dataset
+from network.resnet38_cls import CAMClassifier
 from tests.compat import FIXTURES, fixture_state_dict, reference_keys
+from tool.core.checkpoint import load_checkpoint, read_state_dict
+from tool.core.errors import InputError, run_cli
+from tool.core.models import classifier_from_state_dict
+from tool.data.synth import write_dataset
+from tool.method.metrics import ConfusionMatrix
+from tool.stages import stage1
+from tool.stages.training import poly_lr, set_learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 0.0625  # 4 channels in conv1a: the full ResNet-38 depth, fast enough for tests
@@ -74,9 +76,9 @@ def test_parser_has_every_reference_flag_with_its_default():
 
 
 def test_optimizer_groups_and_lrs_follow_the_reference_rule():
-    model = Net(4, WIDTH, frozen=True)
+    model = CAMClassifier(4, WIDTH, frozen=True)
     args = stage1.get_args_parser().parse_args(['--lr', '0.02', '--wt_dec', '3e-4'])
-    optimizer, _ = stage1.make_optimizer(model, args, iters_per_epoch=5)
+    optimizer = stage1.make_optimizer(model, args)
     groups = optimizer.param_groups
     assert [g['lr'] for g in groups] == [0.02, 0.04, 0.2, 0.4]
     assert [g['weight_decay'] for g in groups] == [3e-4, 0, 3e-4, 0]
@@ -89,18 +91,20 @@ def test_optimizer_groups_and_lrs_follow_the_reference_rule():
     assert names[0] == convs - frozen - {'fc8.weight'} and names[2] == {'fc8.weight'}
     assert names[1] == set() and names[3] == set()  # the network has no biases; BN is frozen
     args = stage1.get_args_parser().parse_args(['--momentum', '0.9'])
-    assert stage1.make_optimizer(model, args, 5)[0].param_groups[0]['momentum'] == 0.9
+    assert stage1.make_optimizer(model, args).param_groups[0]['momentum'] == 0.9
 
 
 def test_poly_schedule_per_iteration():
-    model = Net(4, WIDTH, frozen=False)
+    model = CAMClassifier(4, WIDTH, frozen=False)
     args = stage1.get_args_parser().parse_args(['--lr', '0.01', '--max_epoches', '2'])
-    optimizer, lr_scheduler = stage1.make_optimizer(model, args, iters_per_epoch=5)
+    optimizer = stage1.make_optimizer(model, args)
+    max_step = 5 * args.max_epoches  # 5 iterations an epoch
     seen = []
-    for _ in range(10):
+    for step in range(10):
+        set_learning_rate(optimizer, poly_lr(args.lr, step, max_step), stage1.LR_SCALES)  # as train_one_epoch
         seen.append([g['lr'] for g in optimizer.param_groups])
         optimizer.step()
-        lr_scheduler.step()
+    set_learning_rate(optimizer, poly_lr(args.lr, max_step, max_step), stage1.LR_SCALES)
     expected = [[base * (1 - k / 10) ** 0.9 for base in (0.01, 0.02, 0.1, 0.2)] for k in range(10)]
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
     assert optimizer.param_groups[0]['lr'] == 0.0
@@ -156,7 +160,7 @@ def reference_cam_prediction(model, image_path):
 
 def test_test_phase_equals_a_direct_recomputation(trained, data):
     report = json.load(open(trained / 'stage1_test_metrics.json'))
-    model = Net.from_state_dict(read_state_dict(str(trained / 'stage1_checkpoint_trained_on_luad.pth'))).eval()
+    model = classifier_from_state_dict(read_state_dict(str(trained / 'stage1_checkpoint_trained_on_luad.pth'))).eval()
     confusion = ConfusionMatrix(4)
     names = sorted(os.listdir(data / 'test/img'))
     for name in names:
@@ -217,7 +221,7 @@ def test_weights_none_trains_batchnorm_and_files_freeze_it(tmp_path):
     grouped = {id(p) for g in model.parameter_groups() for p in g}
     assert grouped == {id(p) for p in model.parameters()}
 
-    backbone = {k: v for k, v in Net(4, WIDTH).state_dict().items() if not k.startswith('fc8.')}
+    backbone = {k: v for k, v in CAMClassifier(4, WIDTH).state_dict().items() if not k.startswith('fc8.')}
     torch.save(backbone, tmp_path / 'backbone.pth')
     args = stage1.get_args_parser().parse_args(['--weights', str(tmp_path / 'backbone.pth'), '--width', str(WIDTH)])
     model, how = stage1.make_model(args)
@@ -263,14 +267,14 @@ def test_resumed_run_ends_exactly_as_an_uninterrupted_one(data, tmp_path, monkey
 
 def test_non_finite_loss_stops_naming_epoch_and_step(data, tmp_path, monkeypatch, capsys):
     calls = {'n': 0}
-    forward = resnet38_cls.Net.forward
+    forward = resnet38_cls.CAMClassifier.forward
 
     def nan_at_third_step(self, x, enable_pda=False):
         calls['n'] += 1
         logits = forward(self, x, enable_pda)
         return logits * float('nan') if calls['n'] == 3 else logits
 
-    monkeypatch.setattr(resnet38_cls.Net, 'forward', nan_at_third_step)
+    monkeypatch.setattr(resnet38_cls.CAMClassifier, 'forward', nan_at_third_step)
     with pytest.raises(SystemExit) as stop:
         run(tiny_args(data, tmp_path))
     assert stop.value.code == 2

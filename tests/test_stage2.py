@@ -1,21 +1,22 @@
-"""Stage 2 (tool/stage2.py, tool/gate.py) on tiny data: 32 px patches, DeepLab with a ResNet-18
+"""Stage 2 (tool/stages/stage2.py, tool/method/gate.py) on tiny data: 32 px patches, DeepLab with a ResNet-18
 backbone, a ResNet-38 stage-1 classifier at 1/16 width."""
 import json
 import math
-import re
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from network.deeplab import DeepLab
-from network.resnet38_cls import Net as Stage1Net
-from tool import stage2
-from tool.checkpoint import load_checkpoint
-from tool.data import PALETTES
-from tool.gate import gate_classes, gated_prediction
-from tool.io import InputError, run_cli, save_palette_png, save_png
+from network.resnet38_cls import CAMClassifier
+from tool.core.checkpoint import load_checkpoint
+from tool.core.errors import InputError, run_cli
+from tool.core.files import save_palette_png, save_png
+from tool.data.datasets import DATASETS
+from tool.method.gate import gate_classes, gated_prediction
+from tool.stages import stage2, training
 
 SIZE = 32
 COLOURS = np.array([[180, 30, 30], [30, 180, 30], [30, 30, 180], [200, 200, 40]])  # TE NEC LYM TAS
@@ -35,7 +36,7 @@ def patch(rng, classes):
 
 def write_dataset(root, n_train=8, n_eval=4):
     rng = np.random.default_rng(0)
-    palette = PALETTES['luad']
+    palette = DATASETS['luad'].palette
     combos = [(0,), (1, 2), (2, 3), (0, 3), (1,), (3, 0, 2), (2,), (0, 1)]
     for i in range(n_train):
         classes = combos[i % len(combos)]
@@ -50,7 +51,7 @@ def write_dataset(root, n_train=8, n_eval=4):
         for i in range(n_eval):
             image, mask = patch(rng, combos[(i + 3) % len(combos)])
             save_png(image, os.path.join(root, split, 'img', f'{split}{i}.png'))
-            save_palette_png(mask, PALETTES['luad'], os.path.join(root, split, 'mask', f'{split}{i}.png'))
+            save_palette_png(mask, DATASETS['luad'].palette, os.path.join(root, split, 'mask', f'{split}{i}.png'))
 
 
 @pytest.fixture(scope='module')
@@ -59,7 +60,7 @@ def data(tmp_path_factory):
     write_dataset(str(root))
     torch.manual_seed(0)
     stage1 = root / 'stage1.pth'
-    torch.save(Stage1Net(n_class=4, width=1 / 16).state_dict(), stage1)
+    torch.save(CAMClassifier(n_class=4, width=1 / 16).state_dict(), stage1)
     return root, stage1
 
 
@@ -136,7 +137,7 @@ def test_optimizer_groups_are_backbone_1x_and_head_10x():
     # the reference's LR_Scheduler: poly (1 - T/N)^0.9 per iteration, no warm-up; head 10x
     assert stage2.learning_rate(args, 0, 100) == 0.02
     assert stage2.learning_rate(args, 37, 100) == pytest.approx(0.02 * (1 - 0.37) ** 0.9)
-    stage2.set_learning_rate(optimizer, 0.005)
+    training.set_learning_rate(optimizer, 0.005, stage2.LR_SCALES)
     assert (g1['lr'], g10['lr']) == (0.005, 0.05)
     cos = parse('--lr', 0.02, '--lr-scheduler', 'cos')
     assert stage2.learning_rate(cos, 25, 100) == pytest.approx(0.01 * (1 + math.cos(math.pi / 4)))
@@ -188,7 +189,7 @@ def test_pseudo_mask_of_another_size_is_an_input_error(tmp_path):
     root = tmp_path / 'data'
     write_dataset(str(root), n_train=2, n_eval=1)
     bad = root / 'train_PM' / 'PM_b5_2' / sorted(os.listdir(root / 'train'))[1]
-    save_palette_png(np.zeros((SIZE, SIZE + 1)), PALETTES['luad'], str(bad))
+    save_palette_png(np.zeros((SIZE, SIZE + 1)), DATASETS['luad'].palette, str(bad))
     args = tiny_args(root, tmp_path / 'out')
     stage2.setup(args)
     with pytest.raises(InputError, match=re.escape(f'{bad}: mask is 33x32 but the image is 32x32')):

@@ -1,4 +1,4 @@
-"""Tissue detection (tool/tissue.py) on thumbnails with known truth: glass with noise, a colour cast
+"""Tissue detection (tool/wsi/tissue.py) on thumbnails with known truth: glass with noise, a colour cast
 and shading, dense, pink, pale and faintly stained compartments, white lumens, dust; the
 saturation-Otsu recipe it replaced, to show its failure on pale tissue is gone; the Aperio sample
 slide's glass."""
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tool.tissue import TISSUE_MPP, detect_tissue, saturation
+from tool.wsi.tissue import TISSUE_MPP, detect_tissue, saturation
 
 FIXTURE_SLIDE = Path(__file__).resolve().parent / 'fixtures' / 'cmu_small_region.svs'
 GLASS = (240, 237, 244)  # a slight blue cast
@@ -67,19 +67,13 @@ def pale_compartment_slide(seed=0, compartments=(DENSE, PALE, STROMA, FAINT), sh
 
 
 def otsu_threshold(values):
-    """Otsu's threshold of uint8 values: the t that splits them into <= t and > t with the largest
-    between-class variance."""
-    counts = np.bincount(values.ravel(), minlength=256).astype(np.float64)
-    weight_low = np.cumsum(counts)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(counts * np.arange(256))
-    mean_low = sum_low / np.maximum(weight_low, 1)
-    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
-    return int(np.argmax(weight_low * weight_high * (mean_low - mean_high) ** 2))
+    """Otsu's threshold of uint8 values (OpenCV's, as CLAM takes it): the t that splits them into
+    <= t and > t with the largest between-class variance."""
+    return int(cv2.threshold(values, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)[0])
 
 
 def saturation_otsu_tissue(rgb):
-    """The recipe tool/tissue.py used before (CLAM, WSInfer): median-filtered saturation above
+    """The recipe tool/wsi/tissue.py used before (CLAM, WSInfer): median-filtered saturation above
     Otsu's threshold, at least 20, then the same closing and holes and specks."""
     return detect_tissue(rgb, TISSUE_MPP, threshold=max(otsu_threshold(cv2.medianBlur(saturation(rgb), 3)), 20))
 
@@ -139,7 +133,7 @@ def test_the_aperio_sample_slides_glass_stays_background_and_its_tissue_is_found
     like it: median-filtered brightness >= 238 of 255 and saturation <= 8, 24 um from any pixel that
     does not (its glass measures (245, 243, 243))."""
     pytest.importorskip('openslide', reason='OpenSlide is optional: pip install -r requirements-wsi.txt')
-    from tool.slide_reader import SlideView, WholeSlide
+    from tool.wsi.slide_reader import SlideView, WholeSlide
     slide = WholeSlide(str(FIXTURE_SLIDE))
     thumbnail = SlideView(slide, TISSUE_MPP / slide.mpp).read_all()  # as find_tissue reads it
     smooth = cv2.medianBlur(thumbnail, 3)

@@ -1,4 +1,4 @@
-"""Whole slides (tool/slide_reader.py, tissue.py, label_raster.py, mask_tiff.py,
+"""Whole slides (tool/wsi/slide_reader.py, tissue.py, label_raster.py, mask_tiff.py,
 slide_outputs.py, slide_inference.py, cohort.py) on pyramidal TIFFs the tests write with tifffile:
 tiled, several levels, a resolution, white glass around tissue.
 
@@ -25,20 +25,20 @@ import tifffile
 import torch
 from PIL import Image
 
-from tests.test_infer import checkpoint, predictor  # noqa: F401 (fixtures: a tiny stage-2 DeepLab)
-from tests.test_infer import OVERLAP, TILE, assert_argmax, cli, random_image, run
-from tool import infer
-from tool.cohort import run_cohort
-from tool.data import BACKGROUND, PALETTES
-from tool.image_source import PixelArray
-from tool.io import InputError
-from tool.mask_tiff import pyramid_sizes
-from tool.overlay import overlay
-from tool.slide_inference import find_tissue
-from tool.slide_outputs import areas
-from tool.slide_reader import WholeSlide, SlideView, segmentation_grid
-from tool.sliding_window import blended_rows
-from tool.tissue import TissueMap, detect_tissue, saturation
+from tests.test_infer import (OVERLAP, TILE, assert_argmax,  # noqa: F401 (fixtures: a tiny stage-2 DeepLab)
+                              checkpoint, cli, predictor, random_image, run)
+from tool.core.errors import InputError
+from tool.data.datasets import BACKGROUND, DATASETS
+from tool.inference import infer
+from tool.inference.image_source import PixelArray
+from tool.inference.overlay import overlay
+from tool.inference.sliding_window import blended_rows
+from tool.wsi.cohort import run_cohort
+from tool.wsi.mask_tiff import pyramid_sizes
+from tool.wsi.slide_inference import find_tissue
+from tool.wsi.slide_outputs import areas
+from tool.wsi.slide_reader import SlideView, WholeSlide, segmentation_grid
+from tool.wsi.tissue import TissueMap, detect_tissue, saturation
 
 openslide = pytest.importorskip('openslide', reason='OpenSlide is optional: pip install -r requirements-wsi.txt')
 
@@ -270,7 +270,7 @@ def test_a_slide_segments_only_its_tissue_into_a_tiff_geojson_and_table_at_level
     with openslide.OpenSlide(str(mask_path)) as opened:
         assert opened.dimensions == (512, 384) and float(opened.properties['openslide.mpp-x']) == 1.0
         assert opened.level_dimensions == tuple((w, h) for h, w in pyramid_sizes(384, 512)) == ((512, 384), (256, 192))
-        palette = np.asarray(PALETTES['luad'], np.uint8).reshape(-1, 3)
+        palette = np.asarray(DATASETS['luad'].palette, np.uint8).reshape(-1, 3)
         assert np.array_equal(np.asarray(opened.read_region((0, 0), 0, (512, 384)))[..., :3], palette[mask])
         assert np.array_equal(np.asarray(opened.read_region((0, 0), 1, (256, 192)))[..., :3], palette[mask[1::2, 1::2]])
 
@@ -297,7 +297,7 @@ def test_a_slide_segments_only_its_tissue_into_a_tiff_geojson_and_table_at_level
         assert all(0 <= x <= 1024 and 0 <= y <= 768 for ring in rings for x, y in ring)
 
     # the overlay thumbnail: the mask's colours over the slide
-    assert np.array_equal(np.asarray(Image.open(overlay_path)), overlay(PixelArray(grid), mask, PALETTES['luad']))
+    assert np.array_equal(np.asarray(Image.open(overlay_path)), overlay(PixelArray(grid), mask, DATASETS['luad'].palette))
 
     # a finished slide is kept; --overwrite redoes it in place
     tiles_run = len(network.tiles)
@@ -324,7 +324,7 @@ MEMORY_PROBE = """
 import json, resource, sys
 import numpy as np, tifffile, torch
 from tests.test_wsi import PAINT, settings
-from tool.cohort import run_cohort
+from tool.wsi.cohort import run_cohort
 
 width, height, folder = 2048, int(sys.argv[1]), sys.argv[2]
 
@@ -577,7 +577,7 @@ def test_a_killed_run_goes_on_only_with_the_same_fingerprint_and_not_under_overw
     """An interrupted slide keeps its partial folder and progress record; the rerun goes on from
     it only if nothing the mask depends on changed (a setting, a new one too, the checkpoint file,
     the slide file) and without --overwrite; otherwise the slide starts over from its first tile."""
-    from tool.cohort import mask_fingerprint
+    from tool.wsi.cohort import mask_fingerprint
     write_slide(tmp_path / 'painted.tif', painted_slide()[0])
     (tmp_path / 'weights.pth').write_bytes(b'weights')
     slides = [('painted', str(tmp_path / 'painted.tif'))]
