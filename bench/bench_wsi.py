@@ -17,6 +17,7 @@ import time
 import torch
 
 from bench.timing import device_name
+from tool.core.checkpoint import load_checkpoint
 from tool.core.runtime import resolve_device
 from tool.data.datasets import BACKGROUND, DATASETS
 from tool.inference import infer
@@ -46,10 +47,12 @@ def main(args):
         ['--checkpoint', args.checkpoint, '--input', args.slide, '--out', '.', '--dataset', args.dataset,
          '--tile', str(args.tile), '--overlap', str(args.overlap), '--batch_size', str(args.batch_size),
          *(['--mpp', str(args.mpp)] if args.mpp else [])])
+    checkpoint = load_checkpoint(args.checkpoint)
+    infer.choose_model_input(settings, infer.recorded_input(checkpoint), needs_mpp=True)
     predictors = {}
     for name, amp in (('float32', False), ('bfloat16', True)):
         settings.amp = amp
-        predictors[name] = infer.load_predictor(settings, device, len(DATASETS[args.dataset].class_names))
+        predictors[name] = infer.load_predictor(settings, checkpoint, device, len(DATASETS[args.dataset].class_names))
     with WholeSlide(args.slide) as slide, tempfile.TemporaryDirectory() as folder:
         plan = slide_plan(slide, settings)
         downsample, mpp = plan[:2]
