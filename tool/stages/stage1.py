@@ -180,14 +180,14 @@ def make_model(args):
                          f'but --width is {args.width:g}')
     if 'fc8.weight' in state_dict:
         model = classifier_from_state_dict(state_dict, args.weights, frozen=True, gamma=args.init_gama,
-                                    pda_mode=pda_mode(args))
+                                           pda_mode=pda_mode(args))
         if model.fc8.weight.shape[0] != args.n_class:
             raise InputError(f'{args.weights}: a classifier of {model.fc8.weight.shape[0]} classes, '
                              f'but --n_class is {args.n_class}')
         how = 'fine-tuning a stage-1 checkpoint'
     else:
         model = load_classifier_backbone(CAMClassifier(args.n_class, args.width, frozen=True, gamma=args.init_gama,
-                                  pda_mode=pda_mode(args)), state_dict, args.weights)
+                                                       pda_mode=pda_mode(args)), state_dict, args.weights)
         how = 'backbone loaded, fc8 initialised'
     return model, f'{args.weights}: {how}; conv1a..b2_2 and every BatchNorm frozen (as the reference)'
 

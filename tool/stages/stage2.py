@@ -189,10 +189,7 @@ def load_optimizer_state(optimizer, path):
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or 'optimizer' not in checkpoint:
         raise InputError(f'{path}: --ft needs a checkpoint with an "optimizer" entry')
-    try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    except (ValueError, KeyError) as e:
-        raise InputError(f'{path}: its optimizer state does not fit this model ({e})') from None
+    training.restore_optimizer(optimizer, checkpoint['optimizer'], path)
 
 
 def learning_rate(args, step, max_step):

@@ -67,14 +67,19 @@ def load_resume_state(path, model, optimizer, scaler, progress_keys, file_name):
         raise InputError(f'{path}: not a resume file of this stage (expected the {file_name} a run writes every '
                          f'epoch)')
     load_state_dict_strict(model, state['model'], path)
-    try:
-        optimizer.load_state_dict(state['optimizer'])
-    except (ValueError, KeyError) as e:
-        raise InputError(f'{path}: its optimizer state does not fit this model ({e}); resume with the arguments '
-                         f'of the run that wrote it') from None
+    restore_optimizer(optimizer, state['optimizer'], path, '; resume with the arguments of the run that wrote it')
     if state['scaler'] and scaler.is_enabled():
         scaler.load_state_dict(state['scaler'])
     return state
+
+
+def restore_optimizer(optimizer, state_dict, path, advice=''):
+    """Load an optimizer state read from `path` (its momentum buffers); one that does not fit this
+    model's parameter groups is one InputError line, followed by `advice`."""
+    try:
+        optimizer.load_state_dict(state_dict)
+    except (ValueError, KeyError) as e:
+        raise InputError(f'{path}: its optimizer state does not fit this model ({e}){advice}') from None
 
 
 def resume_file(choice, latest):
