@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tool.core.errors import InputError
@@ -19,9 +20,10 @@ from tool.pipeline.contact_sheet import COLUMNS, GAP, MIN_TILE, TEXT_HEIGHT, cho
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = runner.CONFIGS['quick']['synthetic']
-STAGES = ('data', 'stage1', 'pseudo_masks', 'stage2', 'ablation_bn7', 'fully_supervised', 'predictions')
-LOGS = ('data', 'stage1', 'pseudo_masks', 'stage2', 'ablation_bn7', 'fully_supervised', 'test_predictions',
-        'train_predictions')
+STAGES = ('data', 'stage1', 'pseudo_masks', 'pseudo_masks_val', 'stage2', 'ablation_bn7', 'fully_supervised',
+          'predictions')
+LOGS = ('data', 'stage1', 'pseudo_masks', 'pseudo_masks_val', 'stage2', 'ablation_bn7', 'fully_supervised',
+        'test_predictions', 'train_predictions')
 
 
 def run_pipeline(*args):
@@ -46,8 +48,9 @@ def read_json(*path):
 def test_run_folder_holds_every_stage(run):
     folder, _ = run
     for name in ('run_args.json', 'summary.json', 'summary.md', 'contact_sheet.png',
-                 'stage1/stage1_checkpoint_trained_on_luad.pth', 'stage1/stage1_test_metrics.json',
-                 'pseudo_masks/pseudo_mask_metrics.json', 'stage2/stage2_checkpoint_trained_on_luad.pth',
+                 'stage1/stage1_checkpoint_trained_on_luad.pth', 'stage1/stage1_val_metrics.json',
+                 'stage1/stage1_test_metrics.json', 'pseudo_masks/pseudo_mask_metrics.json',
+                 'pseudo_masks_val/pseudo_mask_metrics.json', 'stage2/stage2_checkpoint_trained_on_luad.pth',
                  'stage2/test_metrics.json', 'fully_supervised/test_metrics.json', 'ablation_bn7/test_metrics.json',
                  'test_predictions/metrics.json', 'train_predictions/metrics.json',
                  *[f'logs/{stage}.log' for stage in LOGS]):
@@ -64,8 +67,10 @@ def test_run_folder_holds_every_stage(run):
     # A pseudo-mask per training patch and layer; the run's masks are what stage 2 read (data/train_PM).
     train = list_pngs(os.path.join(folder, 'synthetic', 'train'))
     assert len(train) == QUICK['train']
+    val = list_pngs(os.path.join(folder, 'synthetic', 'val', 'img'))
     for layer in PAPER_LAYERS:
         assert list_pngs(os.path.join(folder, 'pseudo_masks', f'PM_{layer}')) == train
+        assert list_pngs(os.path.join(folder, 'pseudo_masks_val', f'PM_{layer}')) == val
     assert os.path.realpath(os.path.join(folder, 'data', 'train_PM')) == os.path.realpath(
         os.path.join(folder, 'pseudo_masks'))
     assert len(list_pngs(os.path.join(folder, 'test_predictions', 'masks'))) == QUICK['test']
@@ -84,14 +89,29 @@ def test_summary_repeats_what_the_stages_measured(run):
     folder, _ = run
     summary = read_json(folder, 'summary.json')
     assert summary['config'] == 'quick' and summary['dataset'] == 'luad'
-    scores = [summary['stage1_cam_test'], *summary['pseudo_masks_train'].values(), summary['stage2_train'],
+    scores = [summary['stage1_cam_val'], summary['stage1_cam_test'], *summary['pseudo_masks_val'].values(),
+              *summary['pseudo_masks_train'].values(), summary['stage2_val'], summary['stage2_train'],
               *summary['stage2_test'].values(), summary['ablation_bn7_test'], summary['fully_supervised_test']]
-    assert len(scores) == 1 + 3 + 1 + 3 + 1 + 1
+    assert len(scores) == 2 + 3 + 3 + 2 + 3 + 1 + 1
     for s in scores:
         assert set(s) == {'miou', 'fwiou'} and 0 <= s['miou'] <= 1 and 0 <= s['fwiou'] <= 1
-    assert summary['stage1_cam_test']['miou'] == read_json(folder, 'stage1', 'stage1_test_metrics.json')['miou']
+    for split in ('val', 'test'):
+        cams = read_json(folder, 'stage1', f'stage1_{split}_metrics.json')
+        assert summary[f'stage1_cam_{split}']['miou'] == cams['miou'] and cams['split'] == split
+    # the val patches' pseudo-masks are scored against val/mask, all of them
+    val_record = read_json(folder, 'pseudo_masks_val', 'pseudo_mask_metrics.json')
+    assert val_record['split'] == 'val' and val_record['truth'] == 'val/mask' and val_record['patches'] == QUICK['val']
+    assert summary['pseudo_masks_val']['PM_b5_2']['fwiou'] == val_record['layers']['b5_2']['fwiou']
     layers = read_json(folder, 'pseudo_masks', 'pseudo_mask_metrics.json')['layers']
     assert summary['pseudo_masks_train']['PM_bn7']['miou'] == layers['bn7']['miou']
+    # stage 2's val score is its best epoch's, the first of equal ones, which is the checkpoint it tested
+    with open(os.path.join(folder, 'stage2', 'metrics.jsonl')) as f:
+        val_epochs = [r for r in map(json.loads, f) if r.get('split') == 'val']
+    best = max(val_epochs, key=lambda r: r['miou'])
+    assert summary['stage2_val'] == {'miou': best['miou'], 'fwiou': best['fwiou']}
+    checkpoint = torch.load(os.path.join(folder, 'stage2', 'stage2_checkpoint_trained_on_luad.pth'),
+                            map_location='cpu', weights_only=True)
+    assert (checkpoint['epoch'], checkpoint['best_pred']) == (best['epoch'], best['miou'])
     modes = read_json(folder, 'stage2', 'test_metrics.json')['modes']
     assert set(summary['stage2_test']) == {'no_gate', 'gate_multiply', 'gate_mask'}
     assert summary['stage2_test']['gate_mask']['fwiou'] == modes['gate_mask']['fwiou']
@@ -156,6 +176,7 @@ def iou_values(metrics):
 
 
 HALF = 5e-5  # half the last place of a 4-decimal score
+VAL_STAGE2 = 'val, best epoch (the checkpoint tested)'
 
 
 @pytest.mark.slow
@@ -175,17 +196,23 @@ def test_summary_table_gives_the_numbers_the_stages_wrote(run):
     train = read_json(folder, 'train_predictions', 'metrics.json')
     ablation = read_json(folder, 'ablation_bn7', 'test_metrics.json')['modes']['no_gate']
     fully = read_json(folder, 'fully_supervised', 'test_metrics.json')['modes']['no_gate']
+    val_layers = read_json(folder, 'pseudo_masks_val', 'pseudo_mask_metrics.json')['layers']
+    summary = read_json(folder, 'summary.json')
     written = {
+        'CAM, val patches': read_json(folder, 'stage1', 'stage1_val_metrics.json'),
         'CAM, test patches': read_json(folder, 'stage1', 'stage1_test_metrics.json'),
-        **{f'PM_{layer}, train patches vs train_gt': layers[layer] for layer in PAPER_LAYERS},
-        'train patches vs train_gt (what it learnt from)': train,
+        **{f'PM_{layer}, val patches vs val/mask': val_layers[layer] for layer in PAPER_LAYERS},
+        **{f'PM_{layer}, train patches vs train_gt (diagnostic)': layers[layer] for layer in PAPER_LAYERS},
+        'train patches vs train_gt (diagnostic: what it learnt from)': train,
         'test, no gate': stage2['no_gate'],
         'test, gate (multiply, reference)': stage2['gate_multiply'],
         'test, gate (mask)': stage2['gate_mask'],
         'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate': ablation,
-        'same model, data and budget, train_gt; test, no gate': fully,
+        'same model, data and budget, train_gt (diagnostic); test, no gate': fully,
     }
-    assert {result for result, values in rows.items() if values[0] is not None} == set(written)
+    assert {result for result, values in rows.items() if values[0] is not None} == {*written, VAL_STAGE2}
+    miou, fwiou = rows[VAL_STAGE2][:2]  # stage 2's best val epoch (per-class IoU: in metrics.jsonl)
+    assert abs(miou - summary['stage2_val']['miou']) <= HALF and abs(fwiou - summary['stage2_val']['fwiou']) <= HALF
     for result, metrics in written.items():
         miou, fwiou = rows[result][:2]
         assert 0 <= miou <= 1 and 0 <= fwiou <= 1, result
@@ -195,10 +222,10 @@ def test_summary_table_gives_the_numbers_the_stages_wrote(run):
         assert min(iou) - 1e-12 <= metrics['fwiou'] <= max(iou) + 1e-12, result
     # Times: each stage's on its first row, as the run measured them (0.1 s).
     times = read_json(folder, 'summary.json')['times']
-    timed = {'dataset': 'data', 'CAM, test patches': 'stage1', 'PM_b4_5, train patches vs train_gt': 'pseudo_masks',
-             'train patches vs train_gt (what it learnt from)': 'stage2',
+    timed = {'dataset': 'data', 'CAM, val patches': 'stage1', 'PM_b4_5, val patches vs val/mask': 'pseudo_masks_val',
+             'PM_b4_5, train patches vs train_gt (diagnostic)': 'pseudo_masks', VAL_STAGE2: 'stage2',
              'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate': 'ablation_bn7',
-             'same model, data and budget, train_gt; test, no gate': 'fully_supervised',
+             'same model, data and budget, train_gt (diagnostic); test, no gate': 'fully_supervised',
              'predictions of the test and train patches, contact sheet': 'predictions', 'all of the above': 'total'}
     rows = {('dataset' if result.startswith('dataset ') else result): values for result, values in rows.items()}
     assert {result for result, values in rows.items() if values[2] is not None} == set(timed)
@@ -209,7 +236,8 @@ def test_summary_table_gives_the_numbers_the_stages_wrote(run):
     # The findings: stage 2 (no gate) against full supervision, its best pseudo-masks on the
     # training patches, and PM_bn7 alone, in points (2 decimals) from the stages' files.
     findings = [line for line in table.splitlines() if line and not line.startswith('|')]
-    gap, own, loss = map(stage2_minus_other, findings)
+    assert findings[-1] == runner.DIAGNOSTIC  # says which rows a real dataset cannot give
+    gap, own, loss = map(stage2_minus_other, findings[:-1])
     weak = stage2['no_gate']['miou']
     assert gap == pytest.approx(100 * (weak - fully['miou']), abs=0.0051)
     best = max(PAPER_LAYERS, key=lambda layer: layers[layer]['miou'])
@@ -220,7 +248,7 @@ def test_summary_table_gives_the_numbers_the_stages_wrote(run):
     assert class_iou[0] == ['test, no gate: IoU', *stage2['no_gate']['iou']]
     models = {'stage 2 (multi-layer)': (stage2['no_gate'], 'test, no gate'),
               'stage 2 on PM_bn7 alone': (ablation, 'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate'),
-              'fully supervised': (fully, 'same model, data and budget, train_gt; test, no gate')}
+              'fully supervised': (fully, 'same model, data and budget, train_gt (diagnostic); test, no gate')}
     assert [cells[0] for cells in class_iou[1:]] == list(models)
     for name, *cells in class_iou[1:]:
         metrics, result = models[name]
@@ -290,11 +318,14 @@ def test_summary_table_of_a_released_dataset_says_what_is_missing():
     pseudo-mask or train-patch scores, no fully-supervised baseline, no ablation."""
     s = {'miou': 0.5, 'fwiou': 0.25}
     iou = {'TE': 0.5, 'NEC': 0.25, 'LYM': 0.75, 'TAS': 0.5}
-    summary = {'dataroot': 'datasets/LUAD-HistoSeg', 'stage1_cam_test': s, 'pseudo_masks_train': None,
-               'stage2_train': None, 'stage2_test': {'no_gate': s, 'gate_multiply': s, 'gate_mask': s},
+    v = {'miou': 0.75, 'fwiou': 0.5}
+    summary = {'dataroot': 'datasets/LUAD-HistoSeg', 'stage1_cam_val': v, 'stage1_cam_test': s,
+               'pseudo_masks_val': {f'PM_{layer}': v for layer in PAPER_LAYERS}, 'pseudo_masks_train': None,
+               'stage2_val': v, 'stage2_train': None, 'stage2_test': {'no_gate': s, 'gate_multiply': s, 'gate_mask': s},
                'ablation_bn7_test': None, 'fully_supervised_test': None, 'class_iou_test': {'stage2': iou},
                'gap_points': None, 'alongside': False,
                'times': {'stage1': {'wall_s': 100.0, 'cpu_s': 98.0}, 'pseudo_masks': {'wall_s': 20.04, 'cpu_s': 19.96},
+                         'pseudo_masks_val': {'wall_s': 2.0, 'cpu_s': 1.5},
                          'stage2': {'wall_s': 300.0, 'cpu_s': 290.0}, 'predictions': {'wall_s': 5.0, 'cpu_s': 4.0},
                          'total': {'wall_s': 425.0, 'cpu_s': 412.0}}}
     markdown = runner.summary_table(summary)
@@ -302,21 +333,25 @@ def test_summary_table_of_a_released_dataset_says_what_is_missing():
     cells = {row[1]: row[2:] for row in table[1:]}
     numbers = {result: [number(c) for c in row] for result, row in cells.items()}
     assert table[1] == ['data', 'dataset datasets/LUAD-HistoSeg (present)', '', '', '', '']  # found, not generated
-    assert numbers['CAM, test patches'] == [0.5, 0.25, 100.0, 98.0]
+    assert numbers['CAM, val patches'] == [0.75, 0.5, 100.0, 98.0] and numbers['CAM, test patches'][:2] == [0.5, 0.25]
+    # what a real dataset gives on val: the pseudo-masks of the val patches, stage 2's best epoch
+    assert [numbers[f'PM_{layer}, val patches vs val/mask'][:2] for layer in PAPER_LAYERS] == [[0.75, 0.5]] * 3
+    assert numbers[VAL_STAGE2] == [0.75, 0.5, 300.0, 290.0]
     assert [numbers[f'test, {gate}'][:2] for gate in ('no gate', 'gate (multiply, reference)', 'gate (mask)')] == \
         [[0.5, 0.25]] * 3
     # what could not be measured reads n/a (not 0, not blank)
-    for result in (*[f'PM_{layer}, train patches vs train_gt' for layer in PAPER_LAYERS],
-                   'train patches vs train_gt (what it learnt from)',
+    for result in (*[f'PM_{layer}, train patches vs train_gt (diagnostic)' for layer in PAPER_LAYERS],
+                   'train patches vs train_gt (diagnostic: what it learnt from)',
                    'stage 2 on PM_bn7 alone (--supervision bn7); test, no gate',
-                   'same model, data and budget, train_gt; test, no gate'):
+                   'same model, data and budget, train_gt (diagnostic); test, no gate'):
         assert cells[result][:2] == ['n/a', 'n/a'], result
     # each stage's times on its first row, at 0.1 s; none for the stages that did not run
     assert {result: values[2:] for result, values in numbers.items() if values[2] is not None} == {
-        'CAM, test patches': [100.0, 98.0], 'PM_b4_5, train patches vs train_gt': [20.0, 20.0],
-        'train patches vs train_gt (what it learnt from)': [300.0, 290.0],
+        'CAM, val patches': [100.0, 98.0], 'PM_b4_5, val patches vs val/mask': [2.0, 1.5],
+        'PM_b4_5, train patches vs train_gt (diagnostic)': [20.0, 20.0], VAL_STAGE2: [300.0, 290.0],
         'predictions of the test and train patches, contact sheet': [5.0, 4.0], 'all of the above': [425.0, 412.0]}
     assert runner.findings(summary) == [] and 'points' not in markdown
+    assert runner.DIAGNOSTIC not in markdown  # no diagnostic was measured
     assert class_iou[0] == ['test, no gate: IoU', *iou]
     assert class_iou[1][0] == 'stage 2 (multi-layer)' and [number(c) for c in class_iou[1][1:]] == list(iou.values())
     # With train_gt and the ablation: what the rows say against each other, either way round, in
@@ -329,21 +364,27 @@ def test_summary_table_of_a_released_dataset_says_what_is_missing():
     assert said[0].endswith('the fully-supervised model') and said[1].endswith('its best pseudo-masks (PM_b5_2)')
     assert said[2].endswith('PM_bn7 alone on the test patches')
     assert [line for line in runner.summary_table(summary).splitlines() if 'points' in line] == said
+    assert runner.DIAGNOSTIC in runner.summary_table(summary).splitlines()
 
 
 def test_seeds_table_gives_mean_spread_and_every_seed():
     s = lambda v: {'miou': v, 'fwiou': v}
     runs = []
     for seed, v in zip((0, 1, 2), (0.5, 0.6, 0.7)):
-        runs.append({'seed': seed, 'dataroot': 'd', 'stage1_cam_test': s(v), 'pseudo_masks_train': None,
+        runs.append({'seed': seed, 'dataroot': 'd', 'stage1_cam_val': s(v + 0.05), 'stage1_cam_test': s(v),
+                     'pseudo_masks_val': {f'PM_{layer}': s(v + 0.2) for layer in PAPER_LAYERS},
+                     'pseudo_masks_train': None, 'stage2_val': s(v + 0.15),
                      'stage2_train': None, 'stage2_test': {'no_gate': s(v + 0.1)}, 'ablation_bn7_test': None,
                      'fully_supervised_test': None, 'gap_points': None, 'alongside': True,
                      'class_iou_test': {'stage2': {'TE': v, 'NEC': 1 - v}},
                      'times': {'stage1': {'wall_s': 1.0, 'cpu_s': 1.0}, 'total': {'wall_s': 300 + seed, 'cpu_s': 500.0}}})
     (header, *rows), = markdown_tables(runner.seeds_table(runs))
     assert header == ['stage', 'result', 'MIoU mean', 'sd', 'min', 'max', 'seed 0', 'seed 1', 'seed 2']
-    assert [row[0] for row in rows] == ['stage 1', '', 'stage 2 (multi-layer)', 'stage 2 (multi-layer)', 'total', 'total']
-    per_seed = {'CAM, test patches': [0.5, 0.6, 0.7], 'test, no gate': [0.6, 0.7, 0.8],  # only what was scored
+    assert [row[0] for row in rows] == ['stage 1', '', 'pseudo-masks', '', '', 'stage 2', '', 'stage 2 (multi-layer)',
+                                        'stage 2 (multi-layer)', 'total', 'total']
+    per_seed = {'CAM, val patches': [0.55, 0.65, 0.75], 'CAM, test patches': [0.5, 0.6, 0.7],  # only what was scored
+                **{f'PM_{layer}, val patches vs val/mask': [0.7, 0.8, 0.9] for layer in PAPER_LAYERS},
+                VAL_STAGE2: [0.65, 0.75, 0.85], 'test, no gate': [0.6, 0.7, 0.8],
                 'IoU TE, test, no gate': [0.5, 0.6, 0.7], 'IoU NEC, test, no gate': [0.5, 0.4, 0.3],
                 'wall time of a run (s)': [300, 301, 302], 'CPU time of a run (s)': [500, 500, 500]}
     assert [row[1] for row in rows] == list(per_seed)
@@ -355,7 +396,7 @@ def test_seeds_table_gives_mean_spread_and_every_seed():
 
 
 def test_reduced_recipe_trains_for_the_same_patches_seen_on_any_dataset(tmp_path):
-    """10 and 6 epochs of the embedded 800 patches; more epochs on fewer patches, fewer on more,
+    """10 epochs of the embedded 800 patches in both stages; more epochs on fewer patches, fewer on more,
     at least one; configurations without a budget give no flags."""
     reduced = runner.CONFIGS['reduced']
 
@@ -365,8 +406,8 @@ def test_reduced_recipe_trains_for_the_same_patches_seen_on_any_dataset(tmp_path
         for i in range(patches):
             (folder / f'p{i}.png').touch()
         return runner.training_length(reduced, str(folder))
-    assert length(reduced['synthetic']['train']) == {'stage1': ['--max_epoches', '10'], 'stage2': ['--epochs', '6']}
-    assert length(600) == {'stage1': ['--max_epoches', '13'], 'stage2': ['--epochs', '8']}
+    assert length(reduced['synthetic']['train']) == {'stage1': ['--max_epoches', '10'], 'stage2': ['--epochs', '10']}
+    assert length(600) == {'stage1': ['--max_epoches', '13'], 'stage2': ['--epochs', '13']}
     assert length(9000) == {'stage1': ['--max_epoches', '1'], 'stage2': ['--epochs', '1']}
     assert '--max_epoches' not in reduced['stage1'] and '--epochs' not in reduced['stage2']  # one source
     assert runner.training_length(runner.CONFIGS['reference'], str(tmp_path / 'absent')) == {}

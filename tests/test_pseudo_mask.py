@@ -171,7 +171,7 @@ def test_rule_on_reference_cams_reproduces_the_bcss_mask():
 def tiny_setup(tmp_path_factory):
     """A 5-patch synthetic luad dataset (64 px, with train_gt/) and a width-0.125 checkpoint."""
     root = tmp_path_factory.mktemp('pm')
-    write_dataset(str(root / 'synth'), 'luad', 64, {'train': 5, 'val': 1, 'test': 1}, seed=3)
+    write_dataset(str(root / 'synth'), 'luad', 64, {'train': 5, 'val': 3, 'test': 1}, seed=3)
     torch.manual_seed(0)
     model = CAMClassifier(n_class=4, width=0.125)
     for m in model.modules():  # BatchNorm away from identity, so the maps are not trivial
@@ -222,6 +222,31 @@ def test_cli_writes_reference_masks_named_like_the_patches(tiny_setup, tmp_path,
             matrix.update(read_mask(root / 'synth' / 'train_gt' / name), read_mask(out / f'PM_{layer}' / name))
         assert record['layers'][layer]['miou'] == pytest.approx(matrix.scores()['miou'])
     assert 'PM_b4_5' in capsys.readouterr().out
+
+
+def test_cli_val_split_labels_each_patch_with_the_classes_in_its_mask(tiny_setup, tmp_path):
+    """--split val: the same rule on the val patches, their label the classes their mask holds
+    (as a training patch's label lists the classes it holds), scored against val/mask."""
+    root, out = tiny_setup, tmp_path / 'val_PM'
+    run(root, out, '--split', 'val', '--batch_size', '1')
+    names = sorted(os.listdir(root / 'synth' / 'val' / 'img'))
+    model = classifier_from_state_dict(read_state_dict(str(root / 'tiny.pth'))).eval()
+    record = json.loads((out / 'pseudo_mask_metrics.json').read_text())
+    assert (record['split'], record['truth'], record['patches']) == ('val', 'val/mask', len(names))
+    for layer in LAYERS:
+        assert sorted(os.listdir(out / f'PM_{layer}')) == names
+        matrix = ConfusionMatrix(4)
+        for name in names:
+            rgb = read_rgb(root / 'synth' / 'val' / 'img' / name)
+            truth = read_mask(root / 'synth' / 'val' / 'mask' / name)
+            label = np.array([(truth == c).any() for c in range(4)], np.float32)
+            cams = multi_layer_grad_cam(model, torch.from_numpy(rgb.transpose(2, 0, 1) / np.float32(255))[None])
+            expected = pseudo_mask(cams[layer][0].numpy(), label, background_mask(rgb))
+            mask = read_mask(out / f'PM_{layer}' / name)
+            np.testing.assert_array_equal(mask, expected)
+            assert set(np.unique(mask)) <= {*np.flatnonzero(label), 4}  # no class outside the mask's
+            matrix.update(truth, mask)
+        assert record['layers'][layer]['miou'] == pytest.approx(matrix.scores()['miou'])
 
 
 def test_cam_pictures_use_opencvs_jet_within_3_levels_of_the_formula_it_replaced():

@@ -9,7 +9,11 @@ Patches that already have a mask in every requested layer are skipped (a killed 
 where it stopped; PNGs are written atomically, so none is ever half written), unless --overwrite.
 Under torchrun each process takes every world_size-th patch and writes its own files.
 When the dataset has pixel truth for its training patches (train_gt/, as the synthetic datasets
-do), the pseudo-masks are scored against it: a table and <out>/pseudo_mask_metrics.json.
+do), the pseudo-masks are scored against it: a table and <out>/pseudo_mask_metrics.json. A real
+dataset has no such truth, so this is a diagnostic. What a user can measure is `--split val`: the
+same rule on the val patches, each labelled with the classes in its mask as a training patch is
+with the classes it holds, scored against val/mask (masks to <dataroot>/val_PM by default); the
+pseudo-mask score a recipe is chosen by.
 """
 import argparse
 import json
@@ -36,7 +40,8 @@ from tool.method.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.method.paper_layers import PAPER_LAYERS, PSEUDO_MASK_ROOT, pseudo_mask_folder
 from tool.method.pseudo_mask import background_mask, normalise, pseudo_mask, uses_white_background
 
-TRUTH_DIR = 'train_gt'
+TRUTH_DIRS = {'train': 'train_gt', 'val': 'val/mask'}  # pixel truth of each split, under the dataset root
+OUT_DIRS = {'train': PSEUDO_MASK_ROOT, 'val': 'val_PM'}
 METRICS_FILE = 'pseudo_mask_metrics.json'
 
 
@@ -60,7 +65,10 @@ def get_args_parser(add_help=True):
                              'float32 rounding (a few pixels at near-ties)')
     parser.add_argument('--layers', default=','.join(PAPER_LAYERS),
                         help='comma-separated layers: ResNet-38 block names (b4_5, b5_2, b6, ...) or bn7')
-    parser.add_argument('--out', help='output folder (default: DATAROOT/train_PM)')
+    parser.add_argument('--split', default='train', choices=sorted(TRUTH_DIRS),
+                        help='train: the masks stage 2 learns from; val: the same rule on the val patches, '
+                             'labelled with the classes in their masks, scored against val/mask')
+    parser.add_argument('--out', help='output folder (default: DATAROOT/train_PM, or DATAROOT/val_PM with --split val)')
     parser.add_argument('--background', default='auto', choices=('auto', 'white', 'none'),
                         help='background class 4 on white non-tissue: auto = white for luad and custom, '
                              'none for bcss (white fat is tissue there), as the reference')
@@ -188,21 +196,22 @@ def main(args):
     init_distributed_mode(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    out = args.out or os.path.join(args.dataroot, PSEUDO_MASK_ROOT)
+    out = args.out or os.path.join(args.dataroot, OUT_DIRS[args.split])
     palette = DATASETS[args.dataset].palette
     white_is_background = uses_white_background(args.dataset, args.background)
-    has_truth = os.path.isdir(os.path.join(args.dataroot, TRUTH_DIR))
+    truth_dir = TRUTH_DIRS[args.split]
+    has_truth = os.path.isdir(os.path.join(args.dataroot, truth_dir))
 
     model = load_model(args, device)
-    dataset = TissueDataset(args.dataroot, 'train', args.dataset, labels_csv=args.labels_csv,
-                            mask_dirs=[TRUTH_DIR] if has_truth else [])
+    dataset = TissueDataset(args.dataroot, args.split, args.dataset, labels_csv=args.labels_csv,
+                            mask_dirs=[truth_dir] if has_truth else [])
     shard = range(get_rank(), len(dataset), get_world_size())
     is_done = lambda i: all(os.path.isfile(mask_path(out, layer, dataset.names[i])) for layer in layers)
     done = [] if args.overwrite else [i for i in shard if is_done(i)]
     todo = sorted(set(shard) - set(done))
     write_run_record(out, args, name='generate_pm_args.json')
     skipped = int(all_reduce_sum([len(done)], device)[0])
-    log.info(f'{len(dataset)} training patches, layers {", ".join(layers)} -> {out}')
+    log.info(f'{len(dataset)} {args.split} patches, layers {", ".join(layers)} -> {out}')
     if skipped:
         log.info(f'{skipped} patches already have every mask and are skipped (--overwrite recomputes them)')
 
@@ -229,10 +238,11 @@ def main(args):
     if scores is not None:
         for i in done:  # skipped patches are scored from the masks already on disk
             name = dataset.names[i]
-            scores.update(read_mask(os.path.join(args.dataroot, TRUTH_DIR, name)),
+            scores.update(read_mask(os.path.join(args.dataroot, truth_dir, name)),
                           {layer: read_mask(mask_path(out, layer, name)) for layer in layers})
         record = scores.report(DATASETS[args.dataset].class_names, device)
         if record is not None:
             path = os.path.join(out, METRICS_FILE)
-            save_text(json.dumps({'weights': args.weights, 'dataroot': args.dataroot, **record}, indent=2) + '\n', path)
-            log.info(f'pseudo-mask scores against {TRUTH_DIR}/: {path}')
+            save_text(json.dumps({'weights': args.weights, 'dataroot': args.dataroot, 'split': args.split,
+                                  'truth': truth_dir, **record}, indent=2) + '\n', path)
+            log.info(f'pseudo-mask scores against {truth_dir}/: {path}')

@@ -1,5 +1,6 @@
 """Stage 1: train the ResNet-38 patch classifier with progressive dropout attention (PDA), then
-score its class activation maps (CAMs) as a segmentation of the test split.
+score its class activation maps (CAMs) as a segmentation of the val split (when the dataset has
+one: the score a recipe is chosen by) and of the test split.
 
     python 1_train_stage1.py --dataroot datasets/LUAD-HistoSeg --dataset luad \\
         --weights init_weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params
@@ -10,7 +11,7 @@ score its class activation maps (CAMs) as a segmentation of the test split.
 Every flag of the reference's 1_train_stage1.py keeps its meaning and default. Writes to
 --save_folder: stage1_checkpoint_trained_on_<dataset>.pth (bare state_dict, loadable by the
 reference), stage1_resume.pth (every epoch, for --resume), metrics.jsonl (every step),
-stage1_test_metrics.json, stage1_args.json.
+stage1_val_metrics.json, stage1_test_metrics.json, stage1_args.json.
 """
 import argparse
 import json
@@ -55,7 +56,7 @@ RESUME_FILE = 'stage1_resume.pth'
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='Stage 1: train the ResNet-38 CAM classifier with PDA, '
-                                                 'then score its CAMs on the test split', add_help=add_help)
+                                                 'then score its CAMs on the val and test splits', add_help=add_help)
     # The reference's flags, same meaning and defaults.
     parser.add_argument('--batch_size', default=20, type=int)
     parser.add_argument('--max_epoches', default=20, type=int)
@@ -81,7 +82,10 @@ def get_args_parser(add_help=True):
     parser.add_argument('--init_gama', default=1, type=float, help='initial PDA threshold gamma')
     parser.add_argument('--dataset', default='bcss', choices=sorted(DATASETS))
     # Ours.
-    parser.add_argument('--dataroot', help='dataset folder: sets --trainroot DATAROOT/train and --testroot DATAROOT/test')
+    parser.add_argument('--dataroot', help='dataset folder: sets --trainroot DATAROOT/train, --testroot DATAROOT/test '
+                                           'and, when DATAROOT/val exists, --valroot DATAROOT/val')
+    parser.add_argument('--valroot', help='the val folder of a dataset: its CAMs are scored too, before the test '
+                                          '(stage1_val_metrics.json), the score a recipe is chosen by')
     parser.add_argument('--device', default='auto', help='auto (cuda when available), cpu or cuda')
     parser.add_argument('--width', default=1.0, type=float,
                         help='channel width of ResNet-38 (1.0 = reference); smaller for CPU runs')
@@ -98,7 +102,8 @@ def get_args_parser(add_help=True):
                                          f'{RESUME_FILE} when it exists')
     parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 where supported, '
                                                             'else fp16 with loss scaling); ignored on the CPU')
-    parser.add_argument('--test_only', action='store_true', help='only score the CAMs of --weights on --testroot')
+    parser.add_argument('--test_only', action='store_true',
+                        help='only score the CAMs of --weights on --valroot (if given) and --testroot')
     parser.add_argument('--print_freq', default=10, type=int,
                         help='read losses back from the device every N steps (each step is still logged)')
     parser.add_argument('--debug', action='store_true', help='show tracebacks of input errors')
@@ -112,20 +117,18 @@ def checkpoint_path(args):
 # ---- data ------------------------------------------------------------------------------------
 
 def make_data_loaders(args, device):
-    """(train loader, test loader); the train loader is None with --test_only.
+    """(train loader, {split: scoring loader}): the train loader is None with --test_only; the
+    scoring loaders are val (with --valroot) and test, in that order.
 
     Training batches come from a DistributedSampler (one process: all patches) reshuffled by
-    set_epoch, so epoch e draws the same batches whether or not the run was resumed before it.
-    Test patches are split over the processes without padding, so each is scored exactly once;
-    batch size 1 because test patches may differ in size."""
+    set_epoch, so epoch e draws the same batches whether or not the run was resumed before it."""
     pin_memory, num_workers = device.type == 'cuda', data_workers(args.num_workers)
-    test_root, test_split = dataset_folder(args.testroot, ('test', 'val'), '--testroot')
-    test_set = TissueDataset(test_root, test_split, args.dataset)
-    test_set.labels  # reads every test mask now (the test needs them): a bad one stops the run before training
-    test_loader = DataLoader(Subset(test_set, range(get_rank(), len(test_set), get_world_size())),
-                             batch_size=1, num_workers=num_workers, pin_memory=pin_memory)
+    roots = [(args.testroot, '--testroot')]
+    if args.valroot:
+        roots.insert(0, (args.valroot, '--valroot'))
+    scoring_loaders = dict(scoring_loader(root, flag, args.dataset, num_workers, pin_memory) for root, flag in roots)
     if args.test_only:
-        return None, test_loader
+        return None, scoring_loaders
     train_root, _ = dataset_folder(args.trainroot, ('train',), '--trainroot')
     # uint8 items: a quarter of the bytes through the workers' shared memory, widened on the device.
     train_set = TissueDataset(train_root, 'train', args.dataset, augment='flip', as_uint8=True)
@@ -141,7 +144,17 @@ def make_data_loaders(args, device):
                          f'(--batch_size {args.batch_size}); every epoch would be empty')
     train_loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
                               num_workers=num_workers, pin_memory=pin_memory)
-    return train_loader, test_loader
+    return train_loader, scoring_loaders
+
+
+def scoring_loader(root, flag, dataset, num_workers, pin_memory):
+    """(split, loader) of a val or test folder. Its patches are split over the processes without
+    padding, so each is scored exactly once; batch size 1 because such patches may differ in size."""
+    folder, split = dataset_folder(root, ('test', 'val'), flag)
+    patches = TissueDataset(folder, split, dataset)
+    patches.labels  # reads every mask now (the scores need them): a bad one stops the run before training
+    return split, DataLoader(Subset(patches, range(get_rank(), len(patches), get_world_size())),
+                             batch_size=1, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def dataset_folder(path, splits, flag):
@@ -370,7 +383,7 @@ def baseline_segmentations(truth, labels, label_frequency, generator):
 
 @torch.no_grad()
 def evaluate(model, data_loader, device, seed=0):
-    """Score the CAM segmentation (and the baselines) over the test loader, all processes
+    """Score the CAM segmentation (and the baselines) over a val or test loader, all processes
     together. Returns ({name: ConfusionMatrix}, number of patches, number of forced patches)."""
     model.eval()
     n_class = model.fc8.weight.shape[0]
@@ -399,22 +412,28 @@ def evaluate(model, data_loader, device, seed=0):
     return confusion, int(patches), int(forced)
 
 
-def report_test(confusion, patches, forced, checkpoint, args):
-    """Print the score table and write stage1_test_metrics.json (main process)."""
+def report_scores(split, confusion, patches, forced, checkpoint, args):
+    """Print the score table of one split and write stage1_<split>_metrics.json (main process)."""
     if not is_main_process():
         return
     names = DATASETS[args.dataset].class_names
     scores = {name: matrix.scores() for name, matrix in confusion.items()}
-    log.info(format_table({'stage-1 CAM': scores['CAM'],
+    log.info(format_table({f'stage-1 CAM, {split}': scores['CAM'],
                            **{f'baseline: {name}': scores[name] for name in BASELINES}}, names))
-    log.info(f'{forced} of {patches} test patches had no class with probability > {CAM_THRESHOLD}; '
+    log.info(f'{forced} of {patches} {split} patches had no class with probability > {CAM_THRESHOLD}; '
              f'their most probable class was taken as present')
-    report = {'checkpoint': checkpoint, 'testroot': args.testroot, 'patches': patches,
-              'threshold': CAM_THRESHOLD, 'forced_patches': forced, **scores_to_json(scores['CAM'], names),
+    report = {'checkpoint': checkpoint, 'split': split, 'root': args.valroot if split == 'val' else args.testroot,
+              'patches': patches, 'threshold': CAM_THRESHOLD, 'forced_patches': forced,
+              **scores_to_json(scores['CAM'], names),
               'baselines': {name: scores_to_json(scores[name], names) for name in BASELINES}}
-    path = os.path.join(args.save_folder, 'stage1_test_metrics.json')
+    path = os.path.join(args.save_folder, f'stage1_{split}_metrics.json')
     save_text(json.dumps(report, indent=2) + '\n', path)
-    log.info(f'test metrics: {path}')
+    log.info(f'{split} metrics: {path}')
+
+
+def score_cams(model, scoring_loaders, device, checkpoint, args):
+    for split, loader in scoring_loaders.items():
+        report_scores(split, *evaluate(model, loader, device, args.seed), checkpoint, args)
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -422,6 +441,8 @@ def report_test(confusion, patches, forced, checkpoint, args):
 def main(args):
     if args.dataroot:
         args.trainroot, args.testroot = os.path.join(args.dataroot, 'train'), os.path.join(args.dataroot, 'test')
+        if args.valroot is None and os.path.isdir(os.path.join(args.dataroot, 'val')):
+            args.valroot = os.path.join(args.dataroot, 'val')
     if args.n_class != N_CLASS:
         raise InputError(f'--n_class {args.n_class}: the datasets have {N_CLASS} classes')
     init_distributed_mode(args)
@@ -432,9 +453,9 @@ def main(args):
         if not os.path.isfile(args.weights):
             raise InputError(f'{args.weights}: --weights file not found (--test_only needs a stage-1 checkpoint)')
         model = load_classifier(args.weights).to(device)
-        _, test_loader = make_data_loaders(args, device)
+        _, scoring_loaders = make_data_loaders(args, device)
         write_run_record(args.save_folder, args, name='stage1_test_args.json')
-        report_test(*evaluate(model, test_loader, device, args.seed), args.weights, args)
+        score_cams(model, scoring_loaders, device, args.weights, args)
         return
 
     model, how = make_model(args)
@@ -443,7 +464,7 @@ def main(args):
                 if from_scratch(args) and args.momentum is None and args.pda == 'auto' else ''))
     # A channels_last model makes cuDNN run every convolution in that layout, whatever the input's.
     model.to(device, memory_format=configure_cuda_speed(device))
-    train_loader, test_loader = make_data_loaders(args, device)
+    train_loader, scoring_loaders = make_data_loaders(args, device)
     amp_dtype = autocast_dtype(args.amp, device)
     # Before SyncBatchNorm: parameter_groups() finds the BatchNorm2d layers, and the conversion
     # keeps their parameter objects, so the optimiser still holds them.
@@ -486,4 +507,4 @@ def main(args):
     if is_main_process():
         save_checkpoint(model_without_ddp.state_dict(), final)
         log.info(f'stage-1 weights: {final}')
-    report_test(*evaluate(model_without_ddp, test_loader, device, args.seed), final, args)
+    score_cams(model_without_ddp, scoring_loaders, device, final, args)
