@@ -127,15 +127,17 @@ def train_stage1(weights, out, monkeypatch, without_dropout, lr, adjust_model=la
     return snapshot(model['net']), np.array([r['loss'] for r in steps]), torch.stack(logits).numpy()
 
 
-# Equivalent float32 computations of the same run (another batch order, channels_last, float64)
-# put the CAM/peak ratio of one pixel at step 3 anywhere in 0.94087 .. 0.94209: from 3e-4 below
-# PDA's threshold gamma = 0.941192 to 9e-4 above it. The reference's run kept that pixel (dropping
-# it moves that step's loss by 8e-4, 3e-3 of it, and its logits by more than 1e-3); ours puts it
-# at 0.94168 and drops it. A value this near the threshold falls on the side rounding puts it, not
-# the code, so the run keeps the values within ROUNDING_BAND of gamma x peak, as the reference's
-# run did, and sends every other value through PDA's own rule; the rule itself, ties included, is
-# checked on the run's activations. No other value of the run lies within 2.5e-3 of the threshold.
-ROUNDING_BAND = 1e-3
+# Equivalent float32 computations of the same run put the CAM/peak ratio of one pixel at each PDA
+# step anywhere within 2e-3 of PDA's threshold gamma: another batch order, channels_last or float64
+# gave 0.94087 .. 0.94209 at step 3 (gamma = 0.941192), and oneDNN's AVX2 kernels
+# (ONEDNN_MAX_CPU_ISA=AVX2) against its AVX-512 ones moved that pixel from 3.6e-4 above gamma to
+# 1.5e-3 below, and step 4's from 2.1e-3 to 1.1e-3 below (gamma = 0.922368). The reference's run
+# kept both (dropping step 3's moves that step's loss by 8e-4, 3e-3 of it, and its logits by more
+# than 1e-3). A value this near the threshold falls on the side rounding puts it, not the code, so
+# the run keeps the values within ROUNDING_BAND of gamma x peak, as the reference's run did, and
+# sends every other value through PDA's own rule; the rule itself, ties included, is checked on the
+# run's activations. The next nearest values lie 3.2e-3 or more from the threshold.
+ROUNDING_BAND = 2.5e-3
 
 
 def cam_ratios(features, fc8_weight):
@@ -201,10 +203,9 @@ def test_stage1_training_equals_the_reference_loop(stage1_weights, tmp_path, mon
         # What the run used: the same, except that the values in the band are kept.
         band = (ratios - gamma).abs() < ROUNDING_BAND
         in_band.append(int(band.sum()))
-        assert ((ratios - gamma).abs() < 2.5e-3).sum() == band.sum()  # nothing else near the threshold
         assert_same_output(pda.progressive_dropout_attention(features, weight, threshold),
                            attention_by_hand(features, weight, (ratios > gamma) & ~band), f'step {step}, the run')
-    assert in_band == [1, 0]  # the one pixel of step 3
+    assert in_band == [1, 1]  # the one pixel of each PDA step, nothing else near the threshold
 
     np.testing.assert_allclose(loss, reference['losses'], rtol=1e-4)
     distances = [unordered_distance(ours, theirs) for ours, theirs in zip(logits, reference['logits'])]
