@@ -16,7 +16,7 @@ capped to the CPU cores (as tool.stages.stage1 does) so that a small machine slo
   copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
   --amp (bf16, or fp16 with loss scaling), losses read back every --print_freq steps.
 - reference (WSSS-Tissue's 1_train_stage1.py, restated): DataLoader(shuffle, --workers,
-  pin_memory=False, drop_last), plain .cuda() copies, float32 NCHW, and every step: the sigmoid
+  pin_memory=False, drop_last), plain blocking host-to-device copies, float32 NCHW, and every step: the sigmoid
   predictions and labels copied to the host and scored image by image in Python (exact match,
   Jaccard), loss.item(), torch.cuda.empty_cache().
 

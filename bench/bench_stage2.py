@@ -14,7 +14,7 @@ small machine slows neither path alone.
   copies on CUDA, workers capped to the cores), channels_last and cuDNN autotuning on CUDA,
   --amp (bf16, or fp16 with loss scaling), losses read back every LOG_EVERY steps.
 - reference (WSSS-Tissue's 3_train_stage2.py Trainer.training, restated): DataLoader(shuffle,
-  --workers, pin_memory=False), plain .cuda() copies of the image and the three masks, float32
+  --workers, pin_memory=False), plain blocking host-to-device copies of the image and the three masks, float32
   NCHW, and every step: the background channel built from a ones tensor made on the host and
   copied over, and two loss.item() calls (progress bar and TensorBoard).
 
