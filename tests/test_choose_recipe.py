@@ -9,12 +9,14 @@ import pytest
 from tool.core.errors import InputError, run_cli
 from tool.data.synth import write_dataset
 from tool.method.paper_layers import PAPER_LAYERS
-from tool.pipeline import choose_recipe
+from tool.pipeline import choose_recipe, runner
+from tool.stages import stage1, stage2
 
 TINY_STAGE1 = {'a': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '1'],
                'b': ['--width', '0.0625', '--lr', '0.002', '--max_epoches', '2']}
 TINY_STAGE2 = {'s': ['--width', '0.25', '--lr', '0.01', '--epochs', '2']}
 SEEDS = (0, 1)
+CHOSEN = ('w16-lr01-e10-pda6', 's2-w25-lr03-e10')  # the reduced recipe's candidates
 
 
 def read_json(path):
@@ -121,3 +123,20 @@ def test_search_needs_a_val_split(tmp_path):
     args = choose_recipe.get_args_parser().parse_args(['--dataroot', str(tmp_path / 'data'), '--out', str(tmp_path)])
     with pytest.raises(InputError, match='no val/ folder'):
         choose_recipe.main(args)
+
+
+def test_the_reduced_recipe_runs_the_chosen_candidates(tmp_path):
+    """On the embedded data, `--config reduced` trains exactly what the search chose (docs/results.md,
+    "Choosing the recipe"): the same parsed arguments in both stages, but for the gate, which the
+    search leaves off since it does not change training."""
+    reduced = runner.CONFIGS['reduced']
+    for i in range(reduced['synthetic']['train']):
+        (tmp_path / f'p{i}.png').touch()
+    length = runner.training_length(reduced, str(tmp_path))
+    for stage, parser, chosen, fixed in (
+            ('stage1', stage1.get_args_parser(), choose_recipe.STAGE1_CANDIDATES[CHOSEN[0]], choose_recipe.STAGE1_FIXED),
+            ('stage2', stage2.get_args_parser(), choose_recipe.STAGE2_CANDIDATES[CHOSEN[1]], choose_recipe.STAGE2_FIXED)):
+        pipeline = vars(parser.parse_args([*reduced[stage], *length[stage]]))
+        search = vars(parser.parse_args([*fixed, *chosen]))
+        pipeline.pop('Is_GM', None), search.pop('Is_GM', None)
+        assert pipeline == search, stage

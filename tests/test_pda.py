@@ -113,10 +113,9 @@ def test_dead_run_exits_with_status_2_and_one_line(tmp_path, monkeypatch, capsys
         return model, how
 
     monkeypatch.setattr(stage1, 'make_model', negative_fc8)
-    monkeypatch.setattr(stage1, 'PDA_FIRST_EPOCH', 0)
     args = stage1.get_args_parser().parse_args([
         '--dataroot', str(data), '--dataset', 'luad', '--weights', 'none', '--width', str(WIDTH), '--pda', 'reference',
-        '--batch_size', '4', '--max_epoches', '3', '--num_workers', '0', '--device', 'cpu',
+        '--pda_from_epoch', '0', '--batch_size', '4', '--max_epoches', '3', '--num_workers', '0', '--device', 'cpu',
         '--save_folder', str(tmp_path / 'out')])
     with pytest.raises(SystemExit) as stop:
         run_cli(stage1.main, args)

@@ -72,7 +72,7 @@ def test_parser_has_every_reference_flag_with_its_default():
          '--n_class', '4', '--weights', 'w.pth', '--trainroot', 'd/train', '--testroot', 'd/test',
          '--save_folder', 'out', '--init_gama', '0.9', '--dataset', 'luad'])
     assert (given.batch_size, given.lr, given.wt_dec, given.init_gama, given.dataset) == (8, 0.1, 1e-4, 0.9, 'luad')
-    assert args.momentum is None and args.width == 1.0 and args.device == 'auto'
+    assert args.momentum is None and args.width == 1.0 and args.device == 'auto' and args.pda_from_epoch == 3
 
 
 def test_optimizer_groups_and_lrs_follow_the_reference_rule():
@@ -132,6 +132,15 @@ def test_training_run_writes_everything_and_schedules_pda(trained):
     state_dict = read_state_dict(str(trained / 'stage1_checkpoint_trained_on_luad.pth'))
     assert set(state_dict) == keys
     assert json.load(open(trained / 'stage1_args.json'))['args']['width'] == WIDTH
+
+
+def test_pda_starts_at_the_epoch_given(data, tmp_path):
+    """--pda_from_epoch moves the start of PDA and nothing else of the schedule: gamma still decays
+    from the first epoch, as the reference's does."""
+    run(tiny_args(data, tmp_path, '--pda_from_epoch', '2'))
+    epochs = [r for r in read_jsonl(tmp_path / 'metrics.jsonl') if 'epoch_loss' in r]
+    assert [r['pda'] for r in epochs] == [False, False, True]
+    np.testing.assert_allclose([r['gamma'] for r in epochs], [1.0, 0.98, 0.98 ** 2], rtol=1e-12)
 
 
 def test_exact_match_and_jaccard_of_label_sets():

@@ -292,6 +292,19 @@ def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch):
     assert list(plain) == ['no_gate'] and plain['no_gate'] == scores['no_gate']
 
 
+def test_the_gate_changes_no_weight_of_training(data, tmp_path):
+    """The gate is a test-time device: loading its classifier first (--resume_stage1) draws nothing
+    from the random stream that initialises and shuffles stage 2, so the same seed trains the same
+    weights with and without it."""
+    root, stage1 = data
+    gated = stage2.main(tiny_args(root, tmp_path / 'gate', '--resume_stage1', stage1))
+    plain = stage2.main(tiny_args(root, tmp_path / 'plain', '--Is_GM', 'False'))
+    weights = [load_checkpoint(str(tmp_path / run / 'stage2_checkpoint_trained_on_luad.pth'))['state_dict']
+               for run in ('gate', 'plain')]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert gated['no_gate'] == plain['no_gate'] and list(plain) == ['no_gate']
+
+
 def test_test_only_refuses_an_initialisation_file(data, tmp_path):
     root, _ = data
     path = tmp_path / 'voc.pth'

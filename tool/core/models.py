@@ -5,11 +5,22 @@ line naming the file and the diff.
     classifier = classifier_from_state_dict(read_state_dict(path), path)    # stage 1
     segmenter = deeplab_from_state_dict(read_state_dict(path), path=path)   # stage 2
 """
+import torch
+
 from network.backbone.resnet import Bottleneck, RESNETS
 from network.deeplab import BACKBONES, CLASSIFIER, DeepLab
 from network.resnet38_cls import CAMClassifier
 from tool.core.checkpoint import extract_state_dict, load_state_dict_strict, read_state_dict, state_dict_diff
 from tool.core.errors import InputError
+
+
+def built_aside(make_model):
+    """make_model() without a draw from the global random stream: a model about to be overwritten
+    by its checkpoint must not move the draws that come after it (stage 2's own initialisation
+    and shuffles would otherwise depend on whether the gate's classifier was loaded first)."""
+    with torch.random.fork_rng(devices=[]):
+        return make_model()
+
 
 # ---- stage 1: the ResNet-38 CAM classifier ---------------------------------------------------------
 
@@ -22,7 +33,8 @@ def classifier_from_state_dict(state_dict, path='checkpoint', **kwargs):
             raise InputError(f'{path}: not a stage-1 ResNet-38 classifier (no {key})')
     width = state_dict['conv1a.weight'].shape[0] / 64
     n_class = state_dict['fc8.weight'].shape[0]
-    return load_state_dict_strict(CAMClassifier(n_class=n_class, width=width, **kwargs), state_dict, path)
+    model = built_aside(lambda: CAMClassifier(n_class=n_class, width=width, **kwargs))
+    return load_state_dict_strict(model, state_dict, path)
 
 
 def load_classifier_backbone(model, state_dict, path='checkpoint'):
@@ -74,8 +86,9 @@ def deeplab_from_state_dict(state_dict, output_stride=16, sync_bn=False, path='c
     state_dict = extract_state_dict(state_dict, path)
     if CLASSIFIER[0] not in state_dict:
         raise InputError(f'{path}: not a DeepLab state_dict (no {CLASSIFIER[0]})')
-    model = DeepLab(deeplab_backbone(state_dict, path), output_stride, num_classes=state_dict[CLASSIFIER[0]].shape[0],
-                    sync_bn=sync_bn, width=deeplab_width(state_dict))
+    backbone, width = deeplab_backbone(state_dict, path), deeplab_width(state_dict)
+    n_class = state_dict[CLASSIFIER[0]].shape[0]
+    model = built_aside(lambda: DeepLab(backbone, output_stride, num_classes=n_class, sync_bn=sync_bn, width=width))
     return load_state_dict_strict(model, state_dict, path)
 
 

@@ -4,7 +4,7 @@
     python -m tool.pipeline.choose_recipe --dataroot datasets/SYNTH-LUAD --out runs/recipe \\
         --seeds 0 1 2 --stage1 w16-lr005-e10 w16-lr01-e10 --stage2_budget_s 120
 
-Stage-1 candidates (width, learning rate, epochs) are trained from random initialisation; each
+Stage-1 candidates (width, learning rate, epochs, first epoch of PDA) are trained from random initialisation; each
 is scored by its CAMs on the val patches and by the pseudo-masks the paper's rule makes for the
 val patches from the classes in their masks (2_generate_PM.py --split val). The recipe's stage 1
 is the candidate with the best val pseudo-masks (each layer weighted as the stage-2 loss weights
@@ -50,6 +50,9 @@ STAGE1_CANDIDATES = {
     'w16-lr005-e7': ['--width', '0.0625', '--lr', '0.005', '--max_epoches', '7'],
     'w16-lr0075-e7': ['--width', '0.0625', '--lr', '0.0075', '--max_epoches', '7'],
     'w16-lr01-e7': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '7'],
+    # PDA from the 7th epoch instead of the reference's 4th (--pda_from_epoch is 0-based)
+    'w16-lr01-e10-pda6': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '10', '--pda_from_epoch', '6'],
+    'w16-lr01-e15-pda9': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '15', '--pda_from_epoch', '9'],
 }
 STAGE2_CANDIDATES = {
     's2-w50-lr03-e6': ['--width', '0.5', '--lr', '0.03', '--epochs', '6'],   # the recipe before

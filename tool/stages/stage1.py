@@ -41,7 +41,7 @@ from tool.method.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.stages.training import (check_finite, load_resume_state, poly_lr, resume_file, save_resume_state, seed_epoch,
                                   set_learning_rate)
 
-PDA_FIRST_EPOCH = 3     # the reference enables PDA when the 0-based epoch is > 2
+PDA_FIRST_EPOCH = 3     # the reference enables PDA when the 0-based epoch is > 2 (--pda_from_epoch)
 # A classifier whose logits are the same for every patch of this many consecutive steps (or of a
 # whole shorter epoch) has died: with PDA's reference map at 0 no gradient reaches any weight again.
 DEAD_STEPS = 20
@@ -97,6 +97,10 @@ def get_args_parser(add_help=True):
                         help='how the PDA map re-weights the features (network/pda.py): reference (its scale, can '
                              'zero the network), normalised (mean 1 per image, cannot); auto: reference with '
                              '--weights from a file, normalised with --weights none')
+    parser.add_argument('--pda_from_epoch', default=PDA_FIRST_EPOCH, type=int, metavar='EPOCH',
+                        help=f'the first (0-based) epoch trained with PDA; default {PDA_FIRST_EPOCH}, the reference\'s. '
+                             'A classifier from scratch should first learn what the classes look like: the reduced '
+                             'configuration starts PDA after 60%% of its training (docs/results.md)')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--resume', help='continue training from a resume file; "auto": SAVE_FOLDER/'
                                          f'{RESUME_FILE} when it exists')
@@ -252,7 +256,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, step, args, me
     model.train()
     max_step = args.max_epoches * len(data_loader)
     gamma = getattr(model, 'module', model).gamma
-    enable_pda = epoch >= PDA_FIRST_EPOCH
+    enable_pda = epoch >= args.pda_from_epoch
     pending, epoch_sums = [], np.zeros(4)  # sums of loss, exact match, Jaccard; number of steps
     constant_steps = 0  # consecutive steps whose logits were the same for every patch
     bar = tqdm(data_loader, desc=f'epoch {epoch}', disable=not is_main_process(), dynamic_ncols=True)
