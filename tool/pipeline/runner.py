@@ -129,7 +129,7 @@ CONFIGS = {
         # patches seen 6.4 points below and 8.7 above (docs/results.md, with the recipe before).
         # PDA from the 7th of those epochs: a classifier from scratch must first find the classes
         # before their most discriminative pixels are dropped (from the 4th, the reference's, its
-        # val CAMs scored 0.10 to 0.14 lower; docs/results.md, "Choosing the recipe").
+        # val CAMs scored 0.11 to 0.17 lower; docs/results.md, "Choosing the recipe").
         'patches_seen': {'stage1': [('--max_epoches', 8000), ('--pda_from_epoch', 4800)],
                          'stage2': [('--epochs', 8000)]},
     },
