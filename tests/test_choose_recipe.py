@@ -17,6 +17,8 @@ TINY_STAGE1 = {'a': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '1'],
 TINY_STAGE2 = {'s': ['--width', '0.25', '--lr', '0.01', '--epochs', '2']}
 SEEDS = (0, 1)
 CHOSEN = ('w16-lr01-e10-pda6', 's2-w25-lr03-e10')  # the reduced recipe's candidates
+# the real candidates, kept before the search fixture replaces them with tiny ones for the module
+CANDIDATES = (choose_recipe.STAGE1_CANDIDATES, choose_recipe.STAGE2_CANDIDATES)
 
 
 def read_json(path):
@@ -134,8 +136,8 @@ def test_the_reduced_recipe_runs_the_chosen_candidates(tmp_path):
         (tmp_path / f'p{i}.png').touch()
     length = runner.training_length(reduced, str(tmp_path))
     for stage, parser, chosen, fixed in (
-            ('stage1', stage1.get_args_parser(), choose_recipe.STAGE1_CANDIDATES[CHOSEN[0]], choose_recipe.STAGE1_FIXED),
-            ('stage2', stage2.get_args_parser(), choose_recipe.STAGE2_CANDIDATES[CHOSEN[1]], choose_recipe.STAGE2_FIXED)):
+            ('stage1', stage1.get_args_parser(), CANDIDATES[0][CHOSEN[0]], choose_recipe.STAGE1_FIXED),
+            ('stage2', stage2.get_args_parser(), CANDIDATES[1][CHOSEN[1]], choose_recipe.STAGE2_FIXED)):
         pipeline = vars(parser.parse_args([*reduced[stage], *length[stage]]))
         search = vars(parser.parse_args([*fixed, *chosen]))
         pipeline.pop('Is_GM', None), search.pop('Is_GM', None)

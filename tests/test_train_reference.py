@@ -205,7 +205,9 @@ def test_stage1_training_equals_the_reference_loop(stage1_weights, tmp_path, mon
         in_band.append(int(band.sum()))
         assert_same_output(pda.progressive_dropout_attention(features, weight, threshold),
                            attention_by_hand(features, weight, (ratios > gamma) & ~band), f'step {step}, the run')
-    assert in_band == [1, 1]  # the one pixel of each PDA step, nothing else near the threshold
+    # At most the one pixel of each PDA step lies near the threshold, nothing else: which of them
+    # does depends on the CPU's kernels (both on AVX-512, the first only on an AMD EPYC with AVX2).
+    assert in_band[0] == 1 and in_band[1] <= 1, in_band
 
     np.testing.assert_allclose(loss, reference['losses'], rtol=1e-4)
     distances = [unordered_distance(ours, theirs) for ours, theirs in zip(logits, reference['logits'])]
