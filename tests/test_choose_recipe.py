@@ -140,5 +140,6 @@ def test_the_reduced_recipe_runs_the_chosen_candidates(tmp_path):
             ('stage2', stage2.get_args_parser(), CANDIDATES[1][CHOSEN[1]], choose_recipe.STAGE2_FIXED)):
         pipeline = vars(parser.parse_args([*reduced[stage], *length[stage]]))
         search = vars(parser.parse_args([*fixed, *chosen]))
-        pipeline.pop('Is_GM', None), search.pop('Is_GM', None)
+        for parsed in (pipeline, search):
+            parsed.pop('Is_GM', None)
         assert pipeline == search, stage

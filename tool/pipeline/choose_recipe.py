@@ -4,11 +4,11 @@
     python -m tool.pipeline.choose_recipe --dataroot datasets/SYNTH-LUAD --out runs/recipe \\
         --seeds 0 1 2 --stage1 w16-lr005-e10 w16-lr01-e10 --stage2_budget_s 120
 
-Stage-1 candidates (width, learning rate, epochs, first epoch of PDA) are trained from random initialisation; each
-is scored by its CAMs on the val patches and by the pseudo-masks the paper's rule makes for the
-val patches from the classes in their masks (2_generate_PM.py --split val). The recipe's stage 1
-is the candidate with the best val pseudo-masks (each layer weighted as the stage-2 loss weights
-it; mean over --seeds) among those that train within --stage1_budget_s; at each seed its
+Stage-1 candidates (width, learning rate, epochs, first epoch of PDA) are trained from random
+initialisation; each is scored by its CAMs on the val patches and by the pseudo-masks the paper's
+rule makes for the val patches from the classes in their masks (2_generate_PM.py --split val).
+The recipe's stage 1 is the candidate with the best val pseudo-masks (each layer weighted as the
+stage-2 loss weights it; mean over --seeds) among those that train within --stage1_budget_s; at each seed its
 pseudo-masks of the training patches are what the stage-2 candidates (width, learning rate,
 epochs) train on, and the recipe's stage 2 is the one with the best mean validation MIoU among
 those within --stage2_budget_s. Each candidate's training time is measured (wall, with --jobs
