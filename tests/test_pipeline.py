@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = runner.CONFIGS['quick']['synthetic']
 STAGES = ('data', 'stage1', 'pseudo_masks', 'pseudo_masks_val', 'stage2', 'ablation_bn7', 'fully_supervised',
           'predictions')
-LOGS = ('data', 'stage1', 'pseudo_masks', 'pseudo_masks_val', 'stage2', 'ablation_bn7', 'fully_supervised',
-        'test_predictions', 'train_predictions')
+LOGS = ('data', 'stage1-restart-0', 'stage1-restart-1', 'pseudo_masks_val-restart-0', 'pseudo_masks_val-restart-1',
+        'pseudo_masks', 'stage2', 'ablation_bn7', 'fully_supervised', 'test_predictions', 'train_predictions')
 
 
 def run_pipeline(*args):
@@ -55,7 +55,8 @@ def test_run_folder_holds_every_stage(run):
                  'test_predictions/metrics.json', 'train_predictions/metrics.json',
                  *[f'logs/{stage}.log' for stage in LOGS]):
         assert os.path.isfile(os.path.join(folder, name)), name
-    for name in runner.RESUME_FILES:  # only needed to continue an interrupted training
+    for name in [*runner.RESUME_FILES, 'stage1_restarts/restart-0/stage1_resume.pth',
+                 'stage1_restarts/restart-1/stage1_resume.pth']:  # only needed to continue an interrupted training
         assert not os.path.exists(os.path.join(folder, name)), name
     # Each log starts with the command line of its stage.
     with open(os.path.join(folder, 'logs', 'stage2.log')) as f:
@@ -78,10 +79,59 @@ def test_run_folder_holds_every_stage(run):
     assert read_json(folder, 'fully_supervised', 'stage2_run_args.json')['args']['supervision'] == 'gt'
     assert read_json(folder, 'stage2', 'stage2_run_args.json')['args']['supervision'] == 'multilayer'
     assert read_json(folder, 'ablation_bn7', 'stage2_run_args.json')['args']['supervision'] == 'bn7'
-    # every training stage got the run's seed
-    assert {read_json(folder, f, name)['args']['seed'] for f, name in (
-        ('stage1', 'stage1_args.json'), ('stage2', 'stage2_run_args.json'), ('ablation_bn7', 'stage2_run_args.json'),
-        ('fully_supervised', 'stage2_run_args.json'))} == {0}
+    # every stage-2 training got the run's seed; stage 1 the kept restart's
+    assert {read_json(folder, f, 'stage2_run_args.json')['args']['seed']
+            for f in ('stage2', 'ablation_bn7', 'fully_supervised')} == {0}
+    kept = next(r for r in read_json(folder, 'stage1_restarts', 'restarts.json') if r['kept'])
+    assert read_json(folder, 'stage1', 'stage1_args.json')['args']['seed'] == kept['seed']
+
+
+@pytest.mark.slow
+def test_stage1_keeps_the_restart_whose_val_pseudo_masks_score_best(run):
+    """Two stage-1 trainings at seeds 0 and 1000; the one with the best val pseudo-masks, the
+    three layers weighted as the stage-2 loss weights them, is the run's stage 1 (its checkpoint,
+    CAM scores and val pseudo-masks), the other stays in stage1_restarts/."""
+    folder, stdout = run
+    restarts = read_json(folder, 'stage1_restarts', 'restarts.json')
+    assert [(r['restart'], r['seed']) for r in restarts] == [(0, 0), (1, 1000)]
+    assert [r['kept'] for r in restarts].count(True) == 1
+    kept = next(r for r in restarts if r['kept'])
+    other = restarts[1 - kept['restart']]
+    assert kept['pm_val_weighted'] >= other['pm_val_weighted']
+    assert read_json(folder, 'stage1', 'stage1_val_metrics.json')['miou'] == kept['cam_val']
+    val_layers = read_json(folder, 'pseudo_masks_val', 'pseudo_mask_metrics.json')['layers']
+    assert {layer: val_layers[layer]['miou'] for layer in PAPER_LAYERS} == kept['pm_val']
+    assert kept['pm_val_weighted'] == pytest.approx(sum(w * kept['pm_val'][layer] for layer, w in PAPER_LAYERS.items()))
+    name = f'restart-{other["restart"]}'
+    assert read_json(folder, 'stage1_restarts', name, 'stage1_val_metrics.json')['miou'] == other['cam_val']
+    assert read_json(folder, 'stage1_restarts', name, 'stage1_args.json')['args']['seed'] == other['seed']
+    assert os.path.isfile(os.path.join(folder, 'stage1_restarts', name, 'stage1_checkpoint_trained_on_luad.pth'))
+    # the classifier stage 2 was gated with and trained on is the kept one
+    assert read_json(folder, 'pseudo_masks', 'generate_pm_args.json')['args']['weights'].startswith(
+        os.path.join(folder, 'stage1', ''))
+    assert f'stage 1 kept restart {kept["restart"]} (seed {kept["seed"]}) of 2' in stdout
+
+
+def test_the_first_of_equally_good_restarts_is_kept(tmp_path):
+    run = str(tmp_path)
+    names = ['stage1_restarts/restart-0', 'stage1_restarts/restart-1', 'stage1_restarts/restart-2']
+    # (CAM val, then val pseudo-masks b4_5, b5_2, bn7); weighted 0.2, 0.2, 0.6: 0.5, 0.48, 0.5
+    for name, (cam, *scores) in zip(names, [(0.1, 0.5, 0.5, 0.5), (0.9, 0.9, 0.9, 0.2), (0.2, 0.5, 0.5, 0.5)]):
+        os.makedirs(os.path.join(run, name))
+        os.makedirs(os.path.join(run, runner.val_masks_folder(name)))
+        with open(os.path.join(run, name, 'stage1_val_metrics.json'), 'w') as f:
+            json.dump({'miou': cam}, f)
+        with open(os.path.join(run, runner.val_masks_folder(name), 'pseudo_mask_metrics.json'), 'w') as f:
+            json.dump({'layers': {layer: {'miou': v} for layer, v in zip(PAPER_LAYERS, scores)}}, f)
+    # restart 0: the first of the two best, although 1 has the best CAMs and shallow layers
+    runner.keep_best_restart(run, names, seed=7)
+    records = read_json(run, 'stage1_restarts', 'restarts.json')
+    assert [r['kept'] for r in records] == [True, False, False] and [r['seed'] for r in records] == [7, 1007, 2007]
+    assert [r['pm_val_weighted'] for r in records] == pytest.approx([0.5, 0.48, 0.5])
+    assert read_json(run, 'stage1', 'stage1_val_metrics.json')['miou'] == 0.1
+    assert read_json(run, 'pseudo_masks_val', 'pseudo_mask_metrics.json')['layers']['bn7']['miou'] == 0.5
+    assert sorted(os.listdir(os.path.join(run, 'stage1_restarts'))) == [
+        'restart-1', 'restart-1-pseudo_masks_val', 'restart-2', 'restart-2-pseudo_masks_val', 'restarts.json']
 
 
 @pytest.mark.slow
@@ -237,11 +287,16 @@ def test_summary_table_gives_the_numbers_the_stages_wrote(run):
     # training patches, and PM_bn7 alone, in points (2 decimals) from the stages' files.
     findings = [line for line in table.splitlines() if line and not line.startswith('|')]
     assert findings[-1] == runner.DIAGNOSTIC  # says which rows a real dataset cannot give
-    gap, own, loss = map(stage2_minus_other, findings[:-1])
+    restarts = read_json(folder, 'stage1_restarts', 'restarts.json')
+    kept = next(r for r in restarts if r['kept'])
+    assert findings[0] == (f'stage 1 kept restart {kept["restart"]} (seed {kept["seed"]}) of 2: loss-weighted val '
+                           f'pseudo-masks {restarts[0]["pm_val_weighted"]:.4f}, {restarts[1]["pm_val_weighted"]:.4f}, '
+                           f'CAMs on val {restarts[0]["cam_val"]:.4f}, {restarts[1]["cam_val"]:.4f}')
+    gap, own, loss = map(stage2_minus_other, findings[1:-1])
     weak = stage2['no_gate']['miou']
     assert gap == pytest.approx(100 * (weak - fully['miou']), abs=0.0051)
     best = max(PAPER_LAYERS, key=lambda layer: layers[layer]['miou'])
-    assert findings[1].endswith(f'its best pseudo-masks (PM_{best})')
+    assert findings[2].endswith(f'its best pseudo-masks (PM_{best})')
     assert own == pytest.approx(100 * (train['miou'] - layers[best]['miou']), abs=0.0051)
     assert loss == pytest.approx(100 * (weak - ablation['miou']), abs=0.0051)
     # Per-class IoU of the three stage-2 models on the test patches, whose mean is the table's MIoU.
@@ -293,8 +348,8 @@ def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
     folder = str(tmp_path / 'run')
     result = run_pipeline('--quick', '--out', folder, '--stage1_args=--no_such_flag')
     assert result.returncode == 2
-    log = os.path.join(folder, 'logs', 'stage1.log')
-    expected = (r"error: stage1 failed \(exit status 2\) after \d+ s; its last line: '1_train_stage1.py: error: "
+    log = os.path.join(folder, 'logs', 'stage1-restart-0.log')
+    expected = (r"error: stage1-restart-0 failed \(exit status 2\) after \d+ s; its last line: '1_train_stage1.py: error: "
                 r"unrecognized arguments: --no_such_flag'; the whole output: " + re.escape(log))
     assert re.fullmatch(expected, result.stderr.strip()), result.stderr
     # Nothing after stage 1 ran, and the baseline that had started beside it was stopped.
@@ -323,7 +378,7 @@ def test_summary_table_of_a_released_dataset_says_what_is_missing():
                'pseudo_masks_val': {f'PM_{layer}': v for layer in PAPER_LAYERS}, 'pseudo_masks_train': None,
                'stage2_val': v, 'stage2_train': None, 'stage2_test': {'no_gate': s, 'gate_multiply': s, 'gate_mask': s},
                'ablation_bn7_test': None, 'fully_supervised_test': None, 'class_iou_test': {'stage2': iou},
-               'gap_points': None, 'alongside': False,
+               'gap_points': None, 'stage1_restarts': None, 'alongside': False,
                'times': {'stage1': {'wall_s': 100.0, 'cpu_s': 98.0}, 'pseudo_masks': {'wall_s': 20.04, 'cpu_s': 19.96},
                          'pseudo_masks_val': {'wall_s': 2.0, 'cpu_s': 1.5},
                          'stage2': {'wall_s': 300.0, 'cpu_s': 290.0}, 'predictions': {'wall_s': 5.0, 'cpu_s': 4.0},
@@ -429,3 +484,9 @@ def test_contact_sheet_prefers_patches_of_several_classes_in_name_order():
     labels = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0]], np.float32)
     assert choose_patches(labels, 3) == [1, 3, 4]
     assert choose_patches(labels, 5) == [1, 3, 4, 0, 2]
+
+
+def test_stage1_restarts_must_be_at_least_one(tmp_path):
+    result = run_pipeline('--quick', '--out', str(tmp_path / 'run'), '--stage1_restarts', '0')
+    assert result.returncode == 2 and result.stderr.strip() == 'error: --stage1_restarts 0: must be 1 or more'
+    assert not os.path.exists(tmp_path / 'run')

@@ -3,6 +3,7 @@ weight in the multi-layer pseudo-supervision loss and the folder of its pseudo-m
 the layer). One mapping, so that a layer, its folder and its weight cannot be paired wrongly.
 
     PAPER_LAYERS     {layer: loss weight}, shallow to deep, as Grad-CAM reads them
+    loss_weighted    one number for the three layers' scores, each weighted as the loss weights it
     LOSS_ORDER       deep to shallow: the reference's order of the masks in the loss and of
                      --pm_weights; the first, bn7, decides where the background channel is on
 """
@@ -23,3 +24,9 @@ def pseudo_mask_dirs(layers=LOSS_ORDER):
 
 def loss_weights(layers=LOSS_ORDER):
     return tuple(PAPER_LAYERS[layer] for layer in layers)
+
+
+def loss_weighted(scores):
+    """{layer: score} of the three layers -> their mean weighted as the stage-2 loss weights them:
+    how good the pseudo-masks are for what stage 2 learns from them."""
+    return sum(weight * scores[layer] for layer, weight in PAPER_LAYERS.items())

@@ -35,7 +35,7 @@ from tool.core.errors import InputError, StopRun, run_cli
 from tool.core.files import save_text
 from tool.core.log import log
 from tool.pipeline.runner import spread
-from tool.method.paper_layers import PAPER_LAYERS
+from tool.method.paper_layers import PAPER_LAYERS, loss_weighted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -124,7 +124,7 @@ def stage1_candidate(args, name, seed):
     layers = read_json(os.path.join(pseudo_masks(args, folder, 'val'), 'pseudo_mask_metrics.json'))['layers']
     pm_val = {layer: layers[layer]['miou'] for layer in PAPER_LAYERS}
     return {'cam_val': read_json(os.path.join(folder, 'stage1_val_metrics.json'))['miou'], 'pm_val': pm_val,
-            'pm_val_weighted': sum(PAPER_LAYERS[layer] * miou for layer, miou in pm_val.items()),
+            'pm_val_weighted': loss_weighted(pm_val),
             'wall_s': read_json(timing)['wall_s']}
 
 

@@ -31,7 +31,8 @@ the paper's single-layer ablation.
 
 Each stage's wall time and CPU time are measured: on cores shared with other programs the
 CPU time says what the stage costs. Stages take one thread each in the CPU configurations, where
-the fully-supervised model, then the ablation, train on the second core beside the chain.
+the fully-supervised model, then the ablation, train beside the chain, and stage 1 can train
+several restarts at once and keep the one whose val pseudo-masks score best (stage1_restarts).
 
 Everything lands in one run folder (default runs/pipeline-<dataset>-<config>-<time>/):
     run_args.json             these arguments, library versions
@@ -39,6 +40,7 @@ Everything lands in one run folder (default runs/pipeline-<dataset>-<config>-<ti
                               (stage 2 reads <dataroot>/train_PM; the dataset stays untouched)
     stage1/                   classifier checkpoint, metrics.jsonl, stage1_{val,test}_metrics.json
                               (the trainings' resume files are removed once the run succeeded)
+    stage1_restarts/          with several stage-1 restarts: the ones not kept, restarts.json
     pseudo_masks/             PM_b4_5/ PM_b5_2/ PM_bn7/, pseudo_mask_metrics.json
     pseudo_masks_val/         the same for the val patches, scored against val/mask
     stage2/                   best checkpoint, metrics.jsonl, test_metrics.json (with the gate)
@@ -53,6 +55,7 @@ With several --seeds, each seed's run is a folder seed-<s>/ of this layout, and 
 summary gives every result's mean and spread over the seeds.
 """
 import argparse
+import glob
 import json
 import os
 import resource
@@ -70,7 +73,7 @@ from tool.core.log import log
 from tool.core.runtime import write_run_record
 from tool.data.datasets import DATASETS
 from tool.data.patches import list_pngs
-from tool.method.paper_layers import PAPER_LAYERS
+from tool.method.paper_layers import PAPER_LAYERS, loss_weighted
 from tool.pipeline.contact_sheet import save_contact_sheet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,8 +87,9 @@ GATES = (('no_gate', 'no gate'), ('gate_multiply', 'gate (multiply, reference)')
 # Per configuration: the synthetic dataset to make (None: a released one is used), the threads of
 # each stage process (None: the library's choice), whether the fully-supervised baseline and the
 # ablation run beside the weakly-supervised chain instead of after it, whether the bn7-only
-# ablation runs, each stage's flags, and (optionally) the trainings' length in patches seen
-# (`patches_seen`: each epoch flag is derived from the dataset's number of training patches).
+# ablation runs, each stage's flags, (optionally) the trainings' length in patches seen
+# (`patches_seen`: each epoch flag is derived from the dataset's number of training patches), and
+# how many stage-1 trainings run at once, the best on val kept (`stage1_restarts`, default 1).
 CONFIGS = {
     'reference': {
         'synthetic': None,
@@ -104,8 +108,8 @@ CONFIGS = {
     },
     # Chosen on the validation split (docs/results.md, "Choosing the recipe"; python -m
     # tool.pipeline.choose_recipe): among the candidates that fit the demo's time, the best stage-1
-    # pseudo-masks of the val patches, then the best stage-2 validation MIoU. On the first core stage
-    # 1, the pseudo-masks and stage 2 one after another; on the second the fully-supervised model,
+    # pseudo-masks of the val patches, then the best stage-2 validation MIoU. The chain (stage 1's
+    # two restarts side by side, the pseudo-masks, stage 2) runs beside the fully-supervised model,
     # then the bn7 ablation once the pseudo-masks exist.
     'reduced': {
         'synthetic': {'size': 96, 'train': 800, 'val': 60, 'test': 100},
@@ -132,6 +136,10 @@ CONFIGS = {
         # val CAMs scored 0.11 to 0.17 lower; docs/results.md, "Choosing the recipe").
         'patches_seen': {'stage1': [('--max_epoches', 8000), ('--pda_from_epoch', 4800)],
                          'stage2': [('--epochs', 8000)]},
+        # Two stage-1 trainings from two seeds, one per core, and the one whose val pseudo-masks
+        # score better is kept: from scratch one seed in three could end with CAMs that miss a
+        # class on data it was not chosen on (docs/results.md, "Two restarts of stage 1").
+        'stage1_restarts': 2,
     },
     'quick': {
         'synthetic': {'size': 32, 'train': 32, 'val': 8, 'test': 8},
@@ -145,6 +153,7 @@ CONFIGS = {
         'stage2': ['--backbone', 'resnet18', '--width', '0.25', '--resume', 'none', '--epochs', '1',
                    '--batch-size', '8', '--lr', '0.01', '--workers', '0', '--device', 'cpu'],
         'infer': ['--workers', '0', '--device', 'cpu'],
+        'stage1_restarts': 2,
     },
 }
 
@@ -167,6 +176,9 @@ def get_args_parser():
         parser.add_argument(f'--{stage}_args', default='', metavar='FLAGS',
                             help=f'extra flags for the {stage} script, after the configuration\'s (the last '
                                  f'one of a flag wins), e.g. --stage1_args="--max_epoches 4"')
+    parser.add_argument('--stage1_restarts', type=int, metavar='N',
+                        help='stage-1 trainings at once, from different seeds; the one whose val pseudo-masks score '
+                             'best is kept (default: the configuration\'s, 2 for reduced and quick, 1 for reference)')
     parser.add_argument('--sheet_patches', type=int, default=4, help='test patches on the contact sheet')
     parser.add_argument('--debug', action='store_true', help='show tracebacks of input errors')
     return parser
@@ -302,6 +314,78 @@ def link_dataset(run, dataroot):
     return view
 
 
+RESTART_SEED_STEP = 1000  # restart k of a run at seed s trains at seed s + 1000 k: apart from other runs' seeds
+
+
+def train_stage1(run, data, dataset, config, length, seed, extra, threads):
+    """Stage 1 and the pseudo-masks of the val patches, into run/stage1 and run/pseudo_masks_val;
+    returns the timing of each. With the configuration's stage1_restarts > 1, that many stage-1
+    trainings run at once, each at its own seed (the first at the run's), each one's val
+    pseudo-masks are scored against val/mask, and the one whose three layers score best, weighted
+    as the stage-2 loss weights them, is kept: from random initialisation a seed can end with a
+    classifier whose CAMs miss a class, which val shows (docs/results.md). The others stay in
+    run/stage1_restarts/, with restarts.json saying what each scored."""
+    restarts = config.get('stage1_restarts', 1)
+    names = ['stage1'] if restarts == 1 else [f'stage1_restarts/restart-{k}' for k in range(restarts)]
+
+    def stage1_argv(folder, k):
+        return ['1_train_stage1.py', '--dataroot', data, '--dataset', dataset, '--save_folder',
+                os.path.join(run, folder), *config['stage1'], *length, '--seed', str(seed + RESTART_SEED_STEP * k),
+                *extra['stage1']]
+
+    def val_masks_argv(folder, k):
+        return ['2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights',
+                os.path.join(run, folder, f'stage1_checkpoint_trained_on_{dataset}.pth'), '--split', 'val',
+                '--out', os.path.join(run, val_masks_folder(folder)), *config['pseudo_masks'], *extra['pseudo_masks']]
+
+    logged = ['' if restarts == 1 else f'-restart-{k}' for k in range(restarts)]
+    stage1 = run_beside([(f'stage1{tag}', stage1_argv(name, k)) for k, (name, tag) in enumerate(zip(names, logged))],
+                        run, threads)
+    # The same rule on the val patches (stage 2 needs a val split anyway): the pseudo-masks'
+    # score that a dataset without train_gt/ can give.
+    val_masks = run_beside([(f'pseudo_masks_val{tag}', val_masks_argv(name, k))
+                            for k, (name, tag) in enumerate(zip(names, logged))], run, threads)
+    if restarts > 1:
+        keep_best_restart(run, names, seed)
+    return stage1, val_masks
+
+
+def val_masks_folder(stage1_folder):
+    return 'pseudo_masks_val' if stage1_folder == 'stage1' else f'{stage1_folder}-pseudo_masks_val'
+
+
+def run_beside(commands, run, threads):
+    """The stage scripts [(log name, argv)] all at once; the wall time of the longest, the CPU time
+    of all of them."""
+    stages = [Stage(name, argv, run, threads) for name, argv in commands]
+    try:
+        timings = [stage.wait() for stage in stages]
+    finally:
+        for stage in stages:
+            stage.stop()
+    return {'wall_s': max(t['wall_s'] for t in timings), 'cpu_s': sum(t['cpu_s'] for t in timings)}
+
+
+def keep_best_restart(run, names, seed):
+    """Move the restart with the best loss-weighted val pseudo-masks to run/stage1 and its masks to
+    run/pseudo_masks_val (the first of equal ones); restarts.json records every restart's scores."""
+    records = []
+    for k, name in enumerate(names):
+        layers = read_json(os.path.join(run, val_masks_folder(name), 'pseudo_mask_metrics.json'))['layers']
+        pm_val = {layer: layers[layer]['miou'] for layer in PAPER_LAYERS}
+        records.append({'restart': k, 'seed': seed + RESTART_SEED_STEP * k,
+                        'cam_val': read_json(os.path.join(run, name, 'stage1_val_metrics.json'))['miou'],
+                        'pm_val': pm_val, 'pm_val_weighted': loss_weighted(pm_val)})
+    kept = max(records, key=lambda r: r['pm_val_weighted'])['restart']
+    for record in records:
+        record['kept'] = record['restart'] == kept
+    os.rename(os.path.join(run, names[kept]), os.path.join(run, 'stage1'))
+    os.rename(os.path.join(run, val_masks_folder(names[kept])), os.path.join(run, 'pseudo_masks_val'))
+    save_text(json.dumps(records, indent=2) + '\n', os.path.join(run, 'stage1_restarts', 'restarts.json'))
+    log.info('stage 1: kept restart {} of {} (seed {}); loss-weighted val pseudo-masks {}'.format(
+        kept, len(names), records[kept]['seed'], ', '.join(f'{r["pm_val_weighted"]:.4f}' for r in records)))
+
+
 # ---- one run of the chain --------------------------------------------------------------------------
 
 def run_chain(run, dataroot, dataset, config, extra, seed, sheet_patches):
@@ -334,18 +418,11 @@ def run_chain(run, dataroot, dataset, config, extra, seed, sheet_patches):
         # supervised chain, whose stages depend on each other and cannot overlap; the ablation
         # follows it on the same core once the pseudo-masks exist.
         baseline = start('fully_supervised', baseline_argv) if has_truth and config['alongside'] else None
-        times['stage1'] = run_stage('stage1', ['1_train_stage1.py', '--dataroot', data, '--dataset', dataset,
-                                               '--save_folder', os.path.join(run, 'stage1'), *config['stage1'],
-                                               *length.get('stage1', []), *seeded, *extra['stage1']], run, threads)
+        times['stage1'], times['pseudo_masks_val'] = train_stage1(run, data, dataset, config, length.get('stage1', []),
+                                                                  seed, extra, threads)
         times['pseudo_masks'] = run_stage('pseudo_masks', [
             '2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights', stage1_weights,
             '--out', os.path.join(run, 'pseudo_masks'), *config['pseudo_masks'], *extra['pseudo_masks']], run, threads)
-        # The same rule on the val patches (stage 2 needs a val split anyway): the pseudo-masks'
-        # score that a dataset without train_gt/ can give.
-        times['pseudo_masks_val'] = run_stage('pseudo_masks_val', [
-            '2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights', stage1_weights,
-            '--split', 'val', '--out', os.path.join(run, 'pseudo_masks_val'), *config['pseudo_masks'],
-            *extra['pseudo_masks']], run, threads)
         stage2 = start('stage2', [*stage2_argv('multilayer', 'stage2'), '--resume_stage1', stage1_weights,
                                   '--Is_GM', 'True'])
         if baseline is not None:
@@ -379,7 +456,7 @@ def run_chain(run, dataroot, dataset, config, extra, seed, sheet_patches):
                            os.path.join(run, 'test_predictions', 'masks'), sheet_patches, threads)
     times['predictions'] = {'wall_s': time.perf_counter() - start_time,
                             'cpu_s': infer_cpu + time.process_time() - cpu_start}
-    for name in RESUME_FILES:
+    for name in [*RESUME_FILES, *glob.glob('stage1_restarts/*/stage1_resume.pth', root_dir=run)]:
         if os.path.isfile(os.path.join(run, name)):
             os.remove(os.path.join(run, name))
     return times
@@ -425,6 +502,8 @@ def collect_summary(run, dataset, config_name, dataroot, times, seed, alongside)
         'fully_supervised_test': scores(test['fully_supervised']['no_gate']) if 'fully_supervised' in test else None,
         'class_iou_test': {folder: modes['no_gate']['iou'] for folder, modes in test.items()},
         'gap_points': None,
+        'stage1_restarts': (read_json(os.path.join(run, 'stage1_restarts', 'restarts.json'))
+                            if os.path.isfile(os.path.join(run, 'stage1_restarts', 'restarts.json')) else None),
         'alongside': alongside,
         'times': {stage: {k: round(v, 1) for k, v in timing.items()} for stage, timing in times.items()},
     }
@@ -502,10 +581,16 @@ MODEL_NAMES = {'stage2': 'stage 2 (multi-layer)', 'ablation_bn7': 'stage 2 on PM
 
 
 def findings(summary):
-    """Sentences comparing the rows: the gap to full supervision, stage 2 against its pseudo-masks
-    on the same patches, the multi-layer loss against bn7 alone."""
+    """Sentences comparing the rows: which stage-1 restart was kept, the gap to full supervision,
+    stage 2 against its pseudo-masks on the same patches, the multi-layer loss against bn7 alone."""
     said = []
     weak = summary['stage2_test']['no_gate']['miou']
+    if summary['stage1_restarts']:
+        restarts = summary['stage1_restarts']
+        kept = next(r for r in restarts if r['kept'])
+        said.append(f'stage 1 kept restart {kept["restart"]} (seed {kept["seed"]}) of {len(restarts)}: loss-weighted '
+                    f'val pseudo-masks ' + ', '.join(f'{r["pm_val_weighted"]:.4f}' for r in restarts)
+                    + ', CAMs on val ' + ', '.join(f'{r["cam_val"]:.4f}' for r in restarts))
     if summary['gap_points'] is not None:
         gap = summary['gap_points']
         said.append(f'stage 2 (weakly supervised, no gate) is {abs(gap):.2f} MIoU points '
@@ -570,8 +655,12 @@ def main(args):
         raise InputError(f'--sheet_patches {args.sheet_patches}: must be 0 or more')
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise InputError(f'--seeds {" ".join(map(str, args.seeds))}: give different seeds, 0 or more')
+    if args.stage1_restarts is not None and args.stage1_restarts < 1:
+        raise InputError(f'--stage1_restarts {args.stage1_restarts}: must be 1 or more')
     config_name = choose_config(args)
     config = CONFIGS[config_name]
+    if args.stage1_restarts is not None:
+        config = {**config, 'stage1_restarts': args.stage1_restarts}
     # Absolute paths: the stage scripts run from the repository root, the caller may be elsewhere.
     top = os.path.abspath(args.out) if args.out else os.path.join(
         ROOT, 'runs', f'pipeline-{args.dataset}-{config_name}-{time.strftime("%Y%m%d-%H%M%S")}')
