@@ -490,3 +490,15 @@ def test_stage1_restarts_must_be_at_least_one(tmp_path):
     result = run_pipeline('--quick', '--out', str(tmp_path / 'run'), '--stage1_restarts', '0')
     assert result.returncode == 2 and result.stderr.strip() == 'error: --stage1_restarts 0: must be 1 or more'
     assert not os.path.exists(tmp_path / 'run')
+
+
+def test_the_demo_trains_a_second_stage1_restart_on_a_free_core_only():
+    """Data without train_gt/ (a user's) leave the second core free during stage 1: two restarts;
+    the demo's synthetic data train the fully-supervised baseline there: one. --stage1_restarts
+    fixes the number."""
+    reduced = runner.CONFIGS['reduced']
+    assert runner.stage1_restarts(reduced, baseline_beside=False) == 2
+    assert runner.stage1_restarts(reduced, baseline_beside=True) == 1
+    assert runner.stage1_restarts({**reduced, 'stage1_restarts': 3}, baseline_beside=True) == 3
+    assert runner.stage1_restarts(runner.CONFIGS['quick'], baseline_beside=True) == 2
+    assert runner.stage1_restarts(runner.CONFIGS['reference'], baseline_beside=False) == 1

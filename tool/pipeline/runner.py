@@ -82,6 +82,7 @@ STAGE_FLAGS = ('stage1', 'pseudo_masks', 'stage2', 'infer')  # the scripts a con
 # continue stages, and they are large.
 RESUME_FILES = ('stage1/stage1_resume.pth', 'stage2/stage2_resume.pth', 'ablation_bn7/stage2_resume.pth',
                 'fully_supervised/stage2_resume.pth')
+FREE_CORE = 'free core'
 GATES = (('no_gate', 'no gate'), ('gate_multiply', 'gate (multiply, reference)'), ('gate_mask', 'gate (mask)'))
 
 # Per configuration: the synthetic dataset to make (None: a released one is used), the threads of
@@ -89,7 +90,8 @@ GATES = (('no_gate', 'no gate'), ('gate_multiply', 'gate (multiply, reference)')
 # ablation run beside the weakly-supervised chain instead of after it, whether the bn7-only
 # ablation runs, each stage's flags, (optionally) the trainings' length in patches seen
 # (`patches_seen`: each epoch flag is derived from the dataset's number of training patches), and
-# how many stage-1 trainings run at once, the best on val kept (`stage1_restarts`, default 1).
+# how many stage-1 trainings run at once, the best on val kept (`stage1_restarts`, default 1;
+# FREE_CORE: two when no baseline trains beside stage 1, else one).
 CONFIGS = {
     'reference': {
         'synthetic': None,
@@ -136,10 +138,12 @@ CONFIGS = {
         # val CAMs scored 0.11 to 0.17 lower; docs/results.md, "Choosing the recipe").
         'patches_seen': {'stage1': [('--max_epoches', 8000), ('--pda_from_epoch', 4800)],
                          'stage2': [('--epochs', 8000)]},
-        # Two stage-1 trainings from two seeds, one per core, and the one whose val pseudo-masks
-        # score better is kept: from scratch one seed in three could end with CAMs that miss a
-        # class on data it was not chosen on (docs/results.md, "Two restarts of stage 1").
-        'stage1_restarts': 2,
+        # Where no fully-supervised baseline needs the second core (data without train_gt/, as a
+        # user's are), a second stage-1 restart trains on it and the one whose val pseudo-masks
+        # score better is kept: from scratch a seed can end with CAMs that miss a class. On the
+        # demo's data the two restarts gave the same mean val as one, at a third of the spread and
+        # 1.2 times the time (docs/results.md, "Two restarts of stage 1").
+        'stage1_restarts': FREE_CORE,
     },
     'quick': {
         'synthetic': {'size': 32, 'train': 32, 'val': 8, 'test': 8},
@@ -178,7 +182,8 @@ def get_args_parser():
                                  f'one of a flag wins), e.g. --stage1_args="--max_epoches 4"')
     parser.add_argument('--stage1_restarts', type=int, metavar='N',
                         help='stage-1 trainings at once, from different seeds; the one whose val pseudo-masks score '
-                             'best is kept (default: the configuration\'s, 2 for reduced and quick, 1 for reference)')
+                             'best is kept (default: reduced 2 on data without train_gt/, whose second core is free '
+                             'during stage 1, else 1; quick 2; reference 1)')
     parser.add_argument('--sheet_patches', type=int, default=4, help='test patches on the contact sheet')
     parser.add_argument('--debug', action='store_true', help='show tracebacks of input errors')
     return parser
@@ -314,18 +319,26 @@ def link_dataset(run, dataroot):
     return view
 
 
+def stage1_restarts(config, baseline_beside):
+    """The configuration's number of stage-1 restarts; FREE_CORE: the second of two cores, unless
+    the fully-supervised baseline trains on it."""
+    restarts = config.get('stage1_restarts', 1)
+    if restarts == FREE_CORE:
+        return 1 if baseline_beside else 2
+    return restarts
+
+
 RESTART_SEED_STEP = 1000  # restart k of a run at seed s trains at seed s + 1000 k: apart from other runs' seeds
 
 
-def train_stage1(run, data, dataset, config, length, seed, extra, threads):
+def train_stage1(run, data, dataset, config, length, seed, extra, threads, restarts):
     """Stage 1 and the pseudo-masks of the val patches, into run/stage1 and run/pseudo_masks_val;
-    returns the timing of each. With the configuration's stage1_restarts > 1, that many stage-1
-    trainings run at once, each at its own seed (the first at the run's), each one's val
+    returns the timing of each. With restarts > 1, that many stage-1 trainings run at once, each
+    at its own seed (the first at the run's), each one's val
     pseudo-masks are scored against val/mask, and the one whose three layers score best, weighted
     as the stage-2 loss weights them, is kept: from random initialisation a seed can end with a
     classifier whose CAMs miss a class, which val shows (docs/results.md). The others stay in
     run/stage1_restarts/, with restarts.json saying what each scored."""
-    restarts = config.get('stage1_restarts', 1)
     names = ['stage1'] if restarts == 1 else [f'stage1_restarts/restart-{k}' for k in range(restarts)]
 
     def stage1_argv(folder, k):
@@ -418,8 +431,9 @@ def run_chain(run, dataroot, dataset, config, extra, seed, sheet_patches):
         # supervised chain, whose stages depend on each other and cannot overlap; the ablation
         # follows it on the same core once the pseudo-masks exist.
         baseline = start('fully_supervised', baseline_argv) if has_truth and config['alongside'] else None
+        restarts = stage1_restarts(config, baseline_beside=baseline is not None)
         times['stage1'], times['pseudo_masks_val'] = train_stage1(run, data, dataset, config, length.get('stage1', []),
-                                                                  seed, extra, threads)
+                                                                  seed, extra, threads, restarts)
         times['pseudo_masks'] = run_stage('pseudo_masks', [
             '2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights', stage1_weights,
             '--out', os.path.join(run, 'pseudo_masks'), *config['pseudo_masks'], *extra['pseudo_masks']], run, threads)
