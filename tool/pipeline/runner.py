@@ -110,9 +110,9 @@ CONFIGS = {
     },
     # Chosen on the validation split (docs/results.md, "Choosing the recipe"; python -m
     # tool.pipeline.choose_recipe): among the candidates that fit the demo's time, the best stage-1
-    # pseudo-masks of the val patches, then the best stage-2 validation MIoU. The chain (stage 1's
-    # two restarts side by side, the pseudo-masks, stage 2) runs beside the fully-supervised model,
-    # then the bn7 ablation once the pseudo-masks exist.
+    # pseudo-masks of the val patches, then the best stage-2 validation MIoU. The chain (stage 1,
+    # the pseudo-masks, stage 2) runs beside the fully-supervised model, then the bn7 ablation once
+    # the pseudo-masks exist; without that model, a second stage-1 restart takes its core.
     'reduced': {
         'synthetic': {'size': 96, 'train': 800, 'val': 60, 'test': 100},
         # One thread per process: these convolutions are too small to share out, and the two
@@ -334,11 +334,11 @@ RESTART_SEED_STEP = 1000  # restart k of a run at seed s trains at seed s + 1000
 def train_stage1(run, data, dataset, config, length, seed, extra, threads, restarts):
     """Stage 1 and the pseudo-masks of the val patches, into run/stage1 and run/pseudo_masks_val;
     returns the timing of each. With restarts > 1, that many stage-1 trainings run at once, each
-    at its own seed (the first at the run's), each one's val
-    pseudo-masks are scored against val/mask, and the one whose three layers score best, weighted
-    as the stage-2 loss weights them, is kept: from random initialisation a seed can end with a
-    classifier whose CAMs miss a class, which val shows (docs/results.md). The others stay in
-    run/stage1_restarts/, with restarts.json saying what each scored."""
+    at its own seed (the first at the run's), each one's val pseudo-masks are scored against
+    val/mask, and the one whose three layers score best, weighted as the stage-2 loss weights
+    them, is kept: from random initialisation a seed can end with a classifier whose CAMs miss a
+    class, which val shows (docs/results.md). The others stay in run/stage1_restarts/, with
+    restarts.json saying what each scored."""
     names = ['stage1'] if restarts == 1 else [f'stage1_restarts/restart-{k}' for k in range(restarts)]
 
     def stage1_argv(folder, k):
@@ -346,7 +346,7 @@ def train_stage1(run, data, dataset, config, length, seed, extra, threads, resta
                 os.path.join(run, folder), *config['stage1'], *length, '--seed', str(seed + RESTART_SEED_STEP * k),
                 *extra['stage1']]
 
-    def val_masks_argv(folder, k):
+    def val_masks_argv(folder):
         return ['2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights',
                 os.path.join(run, folder, f'stage1_checkpoint_trained_on_{dataset}.pth'), '--split', 'val',
                 '--out', os.path.join(run, val_masks_folder(folder)), *config['pseudo_masks'], *extra['pseudo_masks']]
@@ -356,8 +356,8 @@ def train_stage1(run, data, dataset, config, length, seed, extra, threads, resta
                         run, threads)
     # The same rule on the val patches (stage 2 needs a val split anyway): the pseudo-masks'
     # score that a dataset without train_gt/ can give.
-    val_masks = run_beside([(f'pseudo_masks_val{tag}', val_masks_argv(name, k))
-                            for k, (name, tag) in enumerate(zip(names, logged))], run, threads)
+    val_masks = run_beside([(f'pseudo_masks_val{tag}', val_masks_argv(name)) for name, tag in zip(names, logged)],
+                           run, threads)
     if restarts > 1:
         keep_best_restart(run, names, seed)
     return stage1, val_masks
