@@ -328,7 +328,12 @@ def stage1_restarts(config, baseline_beside):
     return restarts
 
 
-RESTART_SEED_STEP = 1000  # restart k of a run at seed s trains at seed s + 1000 k: apart from other runs' seeds
+RESTART_SEED_STEP = 1000  # apart from other runs' seeds
+
+
+def restart_seed(seed, k):
+    """The seed of restart k of a run at `seed` (restart 0: the run's own)."""
+    return seed + RESTART_SEED_STEP * k
 
 
 def train_stage1(run, data, dataset, config, length, seed, extra, threads, restarts):
@@ -339,27 +344,22 @@ def train_stage1(run, data, dataset, config, length, seed, extra, threads, resta
     them, is kept: from random initialisation a seed can end with a classifier whose CAMs miss a
     class, which val shows (docs/results.md). The others stay in run/stage1_restarts/, with
     restarts.json saying what each scored."""
-    names = ['stage1'] if restarts == 1 else [f'stage1_restarts/restart-{k}' for k in range(restarts)]
-
-    def stage1_argv(folder, k):
-        return ['1_train_stage1.py', '--dataroot', data, '--dataset', dataset, '--save_folder',
-                os.path.join(run, folder), *config['stage1'], *length, '--seed', str(seed + RESTART_SEED_STEP * k),
-                *extra['stage1']]
-
-    def val_masks_argv(folder):
-        return ['2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights',
-                os.path.join(run, folder, f'stage1_checkpoint_trained_on_{dataset}.pth'), '--split', 'val',
-                '--out', os.path.join(run, val_masks_folder(folder)), *config['pseudo_masks'], *extra['pseudo_masks']]
-
-    logged = ['' if restarts == 1 else f'-restart-{k}' for k in range(restarts)]
-    stage1 = run_beside([(f'stage1{tag}', stage1_argv(name, k)) for k, (name, tag) in enumerate(zip(names, logged))],
-                        run, threads)
+    # (folder, suffix of its logs) of each restart
+    folders = [('stage1', '')] if restarts == 1 else [(f'stage1_restarts/restart-{k}', f'-restart-{k}')
+                                                      for k in range(restarts)]
+    stage1 = run_beside([(f'stage1{tag}', ['1_train_stage1.py', '--dataroot', data, '--dataset', dataset,
+                                          '--save_folder', os.path.join(run, folder), *config['stage1'], *length,
+                                          '--seed', str(restart_seed(seed, k)), *extra['stage1']])
+                         for k, (folder, tag) in enumerate(folders)], run, threads)
     # The same rule on the val patches (stage 2 needs a val split anyway): the pseudo-masks'
     # score that a dataset without train_gt/ can give.
-    val_masks = run_beside([(f'pseudo_masks_val{tag}', val_masks_argv(name)) for name, tag in zip(names, logged)],
-                           run, threads)
+    val_masks = run_beside([(f'pseudo_masks_val{tag}', [
+        '2_generate_PM.py', '--dataroot', data, '--dataset', dataset, '--weights',
+        os.path.join(run, folder, f'stage1_checkpoint_trained_on_{dataset}.pth'), '--split', 'val',
+        '--out', os.path.join(run, val_masks_folder(folder)), *config['pseudo_masks'], *extra['pseudo_masks']])
+        for folder, tag in folders], run, threads)
     if restarts > 1:
-        keep_best_restart(run, names, seed)
+        keep_best_restart(run, [folder for folder, _ in folders], seed)
     return stage1, val_masks
 
 
@@ -386,7 +386,7 @@ def keep_best_restart(run, names, seed):
     for k, name in enumerate(names):
         layers = read_json(os.path.join(run, val_masks_folder(name), 'pseudo_mask_metrics.json'))['layers']
         pm_val = {layer: layers[layer]['miou'] for layer in PAPER_LAYERS}
-        records.append({'restart': k, 'seed': seed + RESTART_SEED_STEP * k,
+        records.append({'restart': k, 'seed': restart_seed(seed, k),
                         'cam_val': read_json(os.path.join(run, name, 'stage1_val_metrics.json'))['miou'],
                         'pm_val': pm_val, 'pm_val_weighted': loss_weighted(pm_val)})
     kept = max(records, key=lambda r: r['pm_val_weighted'])['restart']
