@@ -16,7 +16,7 @@ TINY_STAGE1 = {'a': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '1'],
                'b': ['--width', '0.0625', '--lr', '0.002', '--max_epoches', '2']}
 TINY_STAGE2 = {'s': ['--width', '0.25', '--lr', '0.01', '--epochs', '2']}
 SEEDS = (0, 1)
-CHOSEN = ('w16-lr01-e10-pda6', 's2-w25-lr03-e10')  # the reduced recipe's candidates
+CHOSEN = ('w16-lr01-e20-pda12', 's2-w25-lr03-e10')  # the reduced recipe's candidates
 # the real candidates, kept before the search fixture replaces them with tiny ones for the module
 CANDIDATES = (choose_recipe.STAGE1_CANDIDATES, choose_recipe.STAGE2_CANDIDATES)
 
@@ -90,7 +90,8 @@ def test_search_chooses_on_the_val_pseudo_masks_and_reports_val_scores_only(sear
     assert f'| **{chosen}** | {sum(cams) / 2:.4f} ± {sd:.4f} |' in table
     assert ' | '.join(f'{runs[str(s)]["pm_val_weighted"]:.4f}' for s in SEEDS) in table
     assert '| **s** |' in table and 'test' not in table
-    assert set(record) == {'dataroot', 'seeds', 'stage1_budget_s', 'stage2_budget_s', 'stage1', 'stage2', 'choice'}
+    assert set(record) == {'dataroot', 'seeds', 'restarts', 'stage1_budget_s', 'stage2_budget_s', 'stage1', 'stage2',
+                           'choice'}
 
 
 @pytest.mark.slow
@@ -109,6 +110,42 @@ def test_search_resumes_without_training_again(search):
     assert [(p, p.stat().st_mtime_ns) for p in trained] == before
 
 
+@pytest.mark.slow
+def test_with_restarts_a_seed_keeps_its_best_restart_and_stage_2_trains_on_it(search):
+    root, _ = search
+    out = root / 'restarts'
+    patch = tiny_candidates()
+    try:
+        args = choose_recipe.get_args_parser().parse_args(
+            ['--dataroot', str(root / 'data'), '--out', str(out), '--seeds', '0', '--restarts', '2',
+             '--stage1', 'a', '--stage2', 's'])
+        assert run_cli(choose_recipe.main, args) is None
+    finally:
+        patch.undo()
+    record = read_json(out / 'recipe_search.json')
+    restarts = {seed: read_json(out / 'a' / f'seed-{seed}' / 'PM_val' / 'pseudo_mask_metrics.json')['layers']
+                for seed in (0, 1000)}
+    weighted = {seed: 0.2 * layers['b4_5']['miou'] + 0.2 * layers['b5_2']['miou'] + 0.6 * layers['bn7']['miou']
+                for seed, layers in restarts.items()}
+    kept = 0 if weighted[0] >= weighted[1000] else 1000
+    run = record['stage1']['a']['0']
+    assert (run['trained_seed'], run['restart']) == (kept, kept // 1000)
+    assert run['pm_val_weighted'] == pytest.approx(weighted[kept])
+    # stage 2 read the kept restart's pseudo-masks of the training patches, at the run's seed
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob('a/seed-*/PM_train')) == [f'a/seed-{kept}/PM_train']
+    assert read_json(out / 'a' / f'seed-{kept}' / 's' / 'stage2_run_args.json')['args']['seed'] == 0
+    assert record['restarts'] == 2
+
+
+def test_a_seed_keeps_its_best_restart_the_first_of_equal_ones():
+    runs = {0: {'pm_val_weighted': 0.7}, 1000: {'pm_val_weighted': 0.8}, 2000: {'pm_val_weighted': 0.8},
+            1: {'pm_val_weighted': 0.9}, 1001: {'pm_val_weighted': 0.5}}
+    assert choose_recipe.kept_restart(runs, 0, 3) == {'pm_val_weighted': 0.8, 'restart': 1, 'trained_seed': 1000}
+    assert choose_recipe.kept_restart(runs, 1, 2) == {'pm_val_weighted': 0.9, 'restart': 0, 'trained_seed': 1}
+    assert choose_recipe.kept_restart(runs, 0, 1)['trained_seed'] == 0
+    assert choose_recipe.restart_note(choose_recipe.kept_restart(runs, 0, 3)) == ' (restart 1, seed 1000)'
+
+
 def test_choice_is_the_best_mean_within_the_time_budget():
     runs = lambda score, wall: {0: {'v': score, 'wall_s': wall}, 1: {'v': score + 0.02, 'wall_s': wall + 10}}
     results = {'slow': runs(0.9, 700), 'fast': runs(0.8, 200), 'faster': runs(0.7, 100)}
@@ -118,6 +155,14 @@ def test_choice_is_the_best_mean_within_the_time_budget():
     assert choose_recipe.choose(results, 'v', 204, '--stage2_budget_s') == 'faster'
     with pytest.raises(InputError, match='--stage1_budget_s 50: no candidate trains within it'):
         choose_recipe.choose(results, 'v', 50, '--stage1_budget_s')
+
+
+def test_search_refuses_fewer_than_one_restart(tmp_path):
+    os.makedirs(tmp_path / 'data' / 'val')
+    args = choose_recipe.get_args_parser().parse_args(
+        ['--dataroot', str(tmp_path / 'data'), '--out', str(tmp_path / 'out'), '--restarts', '0'])
+    with pytest.raises(InputError, match='--restarts 0: must be at least 1'):
+        choose_recipe.main(args)
 
 
 def test_search_needs_a_val_split(tmp_path):

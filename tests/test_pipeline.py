@@ -451,8 +451,9 @@ def test_seeds_table_gives_mean_spread_and_every_seed():
 
 
 def test_reduced_recipe_trains_for_the_same_patches_seen_on_any_dataset(tmp_path):
-    """10 epochs of the embedded 800 patches in both stages, PDA from the 7th; more epochs on fewer
-    patches, fewer on more, at least one; configurations without a budget give no flags."""
+    """20 epochs of the embedded 800 patches in stage 1, PDA from the 13th, 10 in stage 2; more
+    epochs on fewer patches, fewer on more, at least one; configurations without a budget give no
+    flags."""
     reduced = runner.CONFIGS['reduced']
 
     def length(patches):
@@ -461,10 +462,10 @@ def test_reduced_recipe_trains_for_the_same_patches_seen_on_any_dataset(tmp_path
         for i in range(patches):
             (folder / f'p{i}.png').touch()
         return runner.training_length(reduced, str(folder))
-    assert length(reduced['synthetic']['train']) == {'stage1': ['--max_epoches', '10', '--pda_from_epoch', '6'],
+    assert length(reduced['synthetic']['train']) == {'stage1': ['--max_epoches', '20', '--pda_from_epoch', '12'],
                                                      'stage2': ['--epochs', '10']}
-    assert length(600) == {'stage1': ['--max_epoches', '13', '--pda_from_epoch', '8'], 'stage2': ['--epochs', '13']}
-    assert length(9000) == {'stage1': ['--max_epoches', '1', '--pda_from_epoch', '1'], 'stage2': ['--epochs', '1']}
+    assert length(600) == {'stage1': ['--max_epoches', '27', '--pda_from_epoch', '16'], 'stage2': ['--epochs', '13']}
+    assert length(9000) == {'stage1': ['--max_epoches', '2', '--pda_from_epoch', '1'], 'stage2': ['--epochs', '1']}
     assert not {'--max_epoches', '--pda_from_epoch'} & set(reduced['stage1']) and '--epochs' not in reduced['stage2']
     assert runner.training_length(runner.CONFIGS['reference'], str(tmp_path / 'absent')) == {}
 

@@ -17,7 +17,9 @@ val scores only: the stages also score the test split and, where the data have t
 training patches, and this script reads neither. Every candidate runs its stage scripts as child
 processes with one thread, --jobs at a time; a candidate whose outputs exist is not run again, so
 a killed search resumes, and a later search with more seeds or fewer candidates reuses the runs
-it shares with an earlier one.
+it shares with an earlier one. With --restarts N a candidate's result at a seed is the best of N
+restarts, as the pipeline's --stage1_restarts keeps it (restart k trains at seed + 1000 k, in the
+folder of that seed), and stage 2 trains on the kept restart's pseudo-masks.
 
 Layout of --out: <stage-1 candidate>/seed-<s>/ (its checkpoint and logs, PM_val/, PM_train/ for
 the one chosen, data/ the dataset's splits with train_PM -> ../PM_train), inside it <stage-2
@@ -34,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tool.core.errors import InputError, StopRun, run_cli
 from tool.core.files import save_text
 from tool.core.log import log
-from tool.pipeline.runner import spread
+from tool.pipeline.runner import restart_seed, spread
 from tool.method.paper_layers import PAPER_LAYERS, loss_weighted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,6 +55,7 @@ STAGE1_CANDIDATES = {
     # PDA from the 7th epoch instead of the reference's 4th (--pda_from_epoch is 0-based)
     'w16-lr01-e10-pda6': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '10', '--pda_from_epoch', '6'],
     'w16-lr01-e15-pda9': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '15', '--pda_from_epoch', '9'],
+    'w16-lr01-e20-pda12': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '20', '--pda_from_epoch', '12'],
 }
 STAGE2_CANDIDATES = {
     's2-w50-lr03-e6': ['--width', '0.5', '--lr', '0.03', '--epochs', '6'],   # the recipe before
@@ -78,6 +81,9 @@ def get_args_parser():
                         default=list(STAGE1_CANDIDATES), help='the stage-1 candidates to run (default: all)')
     parser.add_argument('--stage2', nargs='+', choices=sorted(STAGE2_CANDIDATES), metavar='NAME',
                         default=list(STAGE2_CANDIDATES), help='the stage-2 candidates to run (default: all)')
+    parser.add_argument('--restarts', default=1, type=int, metavar='N',
+                        help='stage-1 restarts per seed, the best on val kept, as python -m tool.pipeline '
+                             '--stage1_restarts N keeps it (default 1)')
     parser.add_argument('--stage1_budget_s', type=float,
                         help='the longest mean stage-1 training (wall seconds, as measured here) the recipe may '
                              'take; default: no limit')
@@ -128,10 +134,18 @@ def stage1_candidate(args, name, seed):
             'wall_s': read_json(timing)['wall_s']}
 
 
-def stage2_candidate(args, stage1_name, name, seed):
-    """Train one stage-2 candidate at one seed on the pseudo-masks of `stage1_name` at that seed
+def kept_restart(runs, seed, restarts):
+    """A candidate's result at `seed`: that of its restart with the best loss-weighted val
+    pseudo-masks (the first of equal ones, as the pipeline keeps), with the restart's number and
+    seed; runs: {trained seed: result}."""
+    trained = [restart_seed(seed, k) for k in range(restarts)]
+    k = max(range(restarts), key=lambda k: runs[trained[k]]['pm_val_weighted'])
+    return {**runs[trained[k]], 'restart': k, 'trained_seed': trained[k]}
+
+
+def stage2_candidate(args, folder, name, seed):
+    """Train one stage-2 candidate at one seed on the pseudo-masks of the stage-1 run in `folder`
     (unless done); returns its best validation MIoU and that epoch."""
-    folder = stage1_folder(args, stage1_name, seed)
     out = os.path.join(folder, name)
     timing = os.path.join(out, 'candidate_time.json')
     if not os.path.isfile(timing):
@@ -194,6 +208,11 @@ def score_cells(runs, key):
     return f'{m:.4f} ± {sd:.4f}' if len(values) > 1 else f'{m:.4f}'
 
 
+def restart_note(run):
+    """' (restart k, seed s)' where a seed kept a restart other than its own."""
+    return f' (restart {run["restart"]}, seed {run["trained_seed"]})' if run['restart'] else ''
+
+
 def tables(stage1, stage2, choice, seeds):
     """Markdown: the stage-1 candidates, then the stage-2 candidates (mean ± sd over the seeds,
     then each seed's value of the score chosen by); the chosen ones in bold."""
@@ -207,7 +226,7 @@ def tables(stage1, stage2, choice, seeds):
         layers = [score_cells({s: {'v': r['pm_val'][layer]} for s, r in runs.items()}, 'v') for layer in PAPER_LAYERS]
         lines.append(f'| {bold(name)} | {score_cells(runs, "cam_val")} | ' + ' | '.join(layers)
                      + f' | {score_cells(runs, "pm_val_weighted")} | '
-                     + ' | '.join(f'{runs[s]["pm_val_weighted"]:.4f}' for s in seeds)
+                     + ' | '.join(f'{runs[s]["pm_val_weighted"]:.4f}' + restart_note(runs[s]) for s in seeds)
                      + f' | {mean(runs, "wall_s"):.0f} |')
     lines += ['', f'| stage 2 on the pseudo-masks of {choice["stage1"]} | val MIoU, best epoch | {per_seed} '
                   f'| best epoch (of) | training wall s |', '|---|---:|' + '---:|' * (len(seeds) + 2)]
@@ -223,19 +242,26 @@ def main(args):
     args.dataroot, args.out = os.path.abspath(args.dataroot), os.path.abspath(args.out)
     if not os.path.isdir(os.path.join(args.dataroot, 'val')):
         raise InputError(f'{args.dataroot}: no val/ folder (the recipe is chosen on it)')
-    if args.jobs < 1:
-        raise InputError(f'--jobs {args.jobs}: must be at least 1')
+    for flag, value in (('--jobs', args.jobs), ('--restarts', args.restarts)):
+        if value < 1:
+            raise InputError(f'{flag} {value}: must be at least 1')
     os.makedirs(args.out, exist_ok=True)
+    trained_seeds = sorted({restart_seed(seed, k) for seed in args.seeds for k in range(args.restarts)})
     with ThreadPoolExecutor(args.jobs) as pool:
-        stage1 = run_all(pool, lambda name, seed: stage1_candidate(args, name, seed), args.stage1, args.seeds)
+        trained = run_all(pool, lambda name, seed: stage1_candidate(args, name, seed), args.stage1, trained_seeds)
+        stage1 = {name: {seed: kept_restart(runs, seed, args.restarts) for seed in args.seeds}
+                  for name, runs in trained.items()}
         choice = {'stage1': choose(stage1, 'pm_val_weighted', args.stage1_budget_s, '--stage1_budget_s')}
-        list(pool.map(lambda seed: stage2_data(args, stage1_folder(args, choice['stage1'], seed)), args.seeds))
-        stage2 = run_all(pool, lambda name, seed: stage2_candidate(args, choice['stage1'], name, seed),
+        kept = {seed: stage1_folder(args, choice['stage1'], run['trained_seed'])
+                for seed, run in stage1[choice['stage1']].items()}
+        list(pool.map(lambda seed: stage2_data(args, kept[seed]), args.seeds))
+        stage2 = run_all(pool, lambda name, seed: stage2_candidate(args, kept[seed], name, seed),
                          args.stage2, args.seeds)
     choice['stage2'] = choose(stage2, 'val_miou', args.stage2_budget_s, '--stage2_budget_s')
     table = tables(stage1, stage2, choice, args.seeds)
     save_text(table, os.path.join(args.out, 'recipe_search.md'))
-    save_text(json.dumps({'dataroot': args.dataroot, 'seeds': args.seeds, 'stage1_budget_s': args.stage1_budget_s,
+    save_text(json.dumps({'dataroot': args.dataroot, 'seeds': args.seeds, 'restarts': args.restarts,
+                          'stage1_budget_s': args.stage1_budget_s,
                           'stage2_budget_s': args.stage2_budget_s, 'stage1': stage1, 'stage2': stage2,
                           'choice': choice}, indent=2) + '\n', os.path.join(args.out, 'recipe_search.json'))
     log.info(table)
