@@ -62,6 +62,7 @@ STAGE2_CANDIDATES = {
     's2-w25-lr03-e6': ['--width', '0.25', '--lr', '0.03', '--epochs', '6'],
     's2-w25-lr05-e6': ['--width', '0.25', '--lr', '0.05', '--epochs', '6'],
     's2-w25-lr03-e10': ['--width', '0.25', '--lr', '0.03', '--epochs', '10'],
+    's2-w25-lr03-e15': ['--width', '0.25', '--lr', '0.03', '--epochs', '15'],
 }
 STAGE1_FIXED = ['--weights', 'none', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu']
 PSEUDO_MASK_FIXED = ['--batch_size', '32', '--num_workers', '0', '--device', 'cpu']
