@@ -36,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from tool.core.errors import InputError, StopRun, run_cli
 from tool.core.files import save_text
 from tool.core.log import log
-from tool.pipeline.runner import restart_seed, spread
+from tool.pipeline.runner import (best_epoch, best_restart, pseudo_mask_scores, read_json, restart_seed, spread,
+                                  validation_epochs)
 from tool.method.paper_layers import PAPER_LAYERS, loss_weighted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,8 +129,7 @@ def stage1_candidate(args, name, seed):
                     folder, *STAGE1_FIXED, *STAGE1_CANDIDATES[name], '--seed', str(seed)],
                    os.path.join(folder, 'stage1.log'))
         save_text(json.dumps({'wall_s': round(time.perf_counter() - started)}) + '\n', timing)
-    layers = read_json(os.path.join(pseudo_masks(args, folder, 'val'), 'pseudo_mask_metrics.json'))['layers']
-    pm_val = {layer: layers[layer]['miou'] for layer in PAPER_LAYERS}
+    pm_val = pseudo_mask_scores(pseudo_masks(args, folder, 'val'))
     return {'cam_val': read_json(os.path.join(folder, 'stage1_val_metrics.json'))['miou'], 'pm_val': pm_val,
             'pm_val_weighted': loss_weighted(pm_val),
             'wall_s': read_json(timing)['wall_s']}
@@ -140,7 +140,7 @@ def kept_restart(runs, seed, restarts):
     pseudo-masks (the first of equal ones, as the pipeline keeps), with the restart's number and
     seed; runs: {trained seed: result}."""
     trained = [restart_seed(seed, k) for k in range(restarts)]
-    k = max(range(restarts), key=lambda k: runs[trained[k]]['pm_val_weighted'])
+    k = best_restart([runs[seed]['pm_val_weighted'] for seed in trained])
     return {**runs[trained[k]], 'restart': k, 'trained_seed': trained[k]}
 
 
@@ -155,9 +155,8 @@ def stage2_candidate(args, folder, name, seed):
                     '--savepath', out, *STAGE2_FIXED, *STAGE2_CANDIDATES[name], '--seed', str(seed)],
                    out + '.log')
         save_text(json.dumps({'wall_s': round(time.perf_counter() - started)}) + '\n', timing)
-    with open(os.path.join(out, 'metrics.jsonl')) as f:
-        val = [r for r in map(json.loads, f) if r.get('split') == 'val']
-    best = max(val, key=lambda r: r['miou'])  # the first of equal ones, as stage 2 keeps
+    val = validation_epochs(os.path.join(out, 'metrics.jsonl'))
+    best = best_epoch(val)
     return {'val_miou': best['miou'], 'epoch': best['epoch'], 'epochs': len(val), 'wall_s': read_json(timing)['wall_s']}
 
 
@@ -172,11 +171,6 @@ def stage2_data(args, folder):
             if os.path.isdir(os.path.join(args.dataroot, split)):
                 os.symlink(os.path.abspath(os.path.join(args.dataroot, split)), os.path.join(view, split))
         os.symlink(os.path.join('..', 'PM_train'), os.path.join(view, 'train_PM'))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def run_all(pool, candidate, names, seeds):

@@ -381,17 +381,28 @@ def run_beside(commands, run, threads):
     return {'wall_s': max(t['wall_s'] for t in timings), 'cpu_s': sum(t['cpu_s'] for t in timings)}
 
 
+def pseudo_mask_scores(masks_folder):
+    """{layer: MIoU} of the pseudo-masks in a 2_generate_PM.py output folder."""
+    layers = read_json(os.path.join(masks_folder, 'pseudo_mask_metrics.json'))['layers']
+    return {layer: layers[layer]['miou'] for layer in PAPER_LAYERS}
+
+
+def best_restart(weighted_scores):
+    """The index of the restart kept: the best loss-weighted val pseudo-masks, the first of equal
+    ones (the rule of the pipeline and of the recipe search)."""
+    return max(range(len(weighted_scores)), key=weighted_scores.__getitem__)
+
+
 def keep_best_restart(run, names, seed):
     """Move the restart with the best loss-weighted val pseudo-masks to run/stage1 and its masks to
     run/pseudo_masks_val (the first of equal ones); restarts.json records every restart's scores."""
     records = []
     for k, name in enumerate(names):
-        layers = read_json(os.path.join(run, val_masks_folder(name), 'pseudo_mask_metrics.json'))['layers']
-        pm_val = {layer: layers[layer]['miou'] for layer in PAPER_LAYERS}
+        pm_val = pseudo_mask_scores(os.path.join(run, val_masks_folder(name)))
         records.append({'restart': k, 'seed': restart_seed(seed, k),
                         'cam_val': read_json(os.path.join(run, name, 'stage1_val_metrics.json'))['miou'],
                         'pm_val': pm_val, 'pm_val_weighted': loss_weighted(pm_val)})
-    kept = max(records, key=lambda r: r['pm_val_weighted'])['restart']
+    kept = best_restart([r['pm_val_weighted'] for r in records])
     for record in records:
         record['kept'] = record['restart'] == kept
     os.rename(os.path.join(run, names[kept]), os.path.join(run, 'stage1'))
@@ -489,13 +500,22 @@ def scores(record):
     return {'miou': record['miou'], 'fwiou': record['fwiou']}
 
 
-def best_validation(metrics_path):
-    """MIoU and FwIoU of the best validation epoch in a stage-2 metrics.jsonl (the first of equal
-    ones, as stage 2 keeps the first): the checkpoint it tested."""
+def validation_epochs(metrics_path):
+    """The validation records of a stage-2 metrics.jsonl, epoch by epoch."""
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    best = max((r for r in records if r.get('split') == 'val'), key=lambda r: r['miou'])
-    return scores(best)
+    return [r for r in records if r.get('split') == 'val']
+
+
+def best_epoch(records):
+    """The best validation record (the first of equal ones, as stage 2 keeps the first): the
+    checkpoint it tested."""
+    return max(records, key=lambda r: r['miou'])
+
+
+def best_validation(metrics_path):
+    """MIoU and FwIoU of the best validation epoch in a stage-2 metrics.jsonl."""
+    return scores(best_epoch(validation_epochs(metrics_path)))
 
 
 def collect_summary(run, dataset, config_name, dataroot, times, seed, alongside):
