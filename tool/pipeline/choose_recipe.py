@@ -57,6 +57,9 @@ STAGE1_CANDIDATES = {
     'w16-lr01-e10-pda6': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '10', '--pda_from_epoch', '6'],
     'w16-lr01-e15-pda9': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '15', '--pda_from_epoch', '9'],
     'w16-lr01-e20-pda12': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '20', '--pda_from_epoch', '12'],
+    # stage 1 still fits its training patches at the last epoch: the same updates at larger steps
+    'w16-lr02-e20-pda12': ['--width', '0.0625', '--lr', '0.02', '--max_epoches', '20', '--pda_from_epoch', '12'],
+    'w16-lr03-e20-pda12': ['--width', '0.0625', '--lr', '0.03', '--max_epoches', '20', '--pda_from_epoch', '12'],
 }
 STAGE2_CANDIDATES = {
     's2-w50-lr03-e6': ['--width', '0.5', '--lr', '0.03', '--epochs', '6'],   # the recipe before
