@@ -60,6 +60,9 @@ STAGE1_CANDIDATES = {
     # stage 1 still fits its training patches at the last epoch: the same updates at larger steps
     'w16-lr02-e20-pda12': ['--width', '0.0625', '--lr', '0.02', '--max_epoches', '20', '--pda_from_epoch', '12'],
     'w16-lr03-e20-pda12': ['--width', '0.0625', '--lr', '0.03', '--max_epoches', '20', '--pda_from_epoch', '12'],
+    # twice the updates of half the batch, the same patches seen (the last --batch_size wins)
+    'w16-lr01-e20-pda12-b4': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '20', '--pda_from_epoch', '12',
+                              '--batch_size', '4'],
 }
 STAGE2_CANDIDATES = {
     's2-w50-lr03-e6': ['--width', '0.5', '--lr', '0.03', '--epochs', '6'],   # the recipe before
