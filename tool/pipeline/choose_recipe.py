@@ -42,8 +42,9 @@ from tool.method.paper_layers import PAPER_LAYERS, loss_weighted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The candidates of docs/results.md ("Choosing the recipe"), batch 8 throughout; epochs of the
-# embedded 800 training patches.
+# The candidates of docs/results.md ("Choosing the recipe"); epochs of the embedded 800 training
+# patches. A candidate's flags follow STAGE1_FIXED and the last one of a flag wins, so batch 8
+# holds unless a candidate names another (-b4).
 STAGE1_CANDIDATES = {
     'w8-lr005-e10': ['--width', '0.125', '--lr', '0.005', '--max_epoches', '10'],   # the recipe before
     'w8-lr005-e5': ['--width', '0.125', '--lr', '0.005', '--max_epoches', '5'],
@@ -60,7 +61,7 @@ STAGE1_CANDIDATES = {
     # stage 1 still fits its training patches at the last epoch: the same updates at larger steps
     'w16-lr02-e20-pda12': ['--width', '0.0625', '--lr', '0.02', '--max_epoches', '20', '--pda_from_epoch', '12'],
     'w16-lr03-e20-pda12': ['--width', '0.0625', '--lr', '0.03', '--max_epoches', '20', '--pda_from_epoch', '12'],
-    # twice the updates of half the batch, the same patches seen (the last --batch_size wins)
+    # twice the updates of half the batch, the same patches seen
     'w16-lr01-e20-pda12-b4': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '20', '--pda_from_epoch', '12',
                               '--batch_size', '4'],
 }
@@ -146,7 +147,7 @@ def kept_restart(runs, seed, restarts):
     pseudo-masks (the first of equal ones, as the pipeline keeps), with the restart's number and
     seed; runs: {trained seed: result}."""
     trained = [restart_seed(seed, k) for k in range(restarts)]
-    k = best_restart([runs[seed]['pm_val_weighted'] for seed in trained])
+    k = best_restart([runs[trained_seed]['pm_val_weighted'] for trained_seed in trained])
     return {**runs[trained[k]], 'restart': k, 'trained_seed': trained[k]}
 
 
@@ -220,7 +221,7 @@ def tables(stage1, stage2, choice, seeds):
     bold = lambda name: f'**{name}**' if name in choice.values() else name
     per_seed = ' | '.join(f'seed {s}' for s in seeds)
     weights = ' + '.join(f'{w:g} {layer}' for layer, w in PAPER_LAYERS.items())
-    lines = ['| stage 1 (batch 8) | CAM, val | ' + ' | '.join(f'PM_{layer}, val' for layer in PAPER_LAYERS)
+    lines = ['| stage 1 | CAM, val | ' + ' | '.join(f'PM_{layer}, val' for layer in PAPER_LAYERS)
              + f' | PM, val ({weights}) | {per_seed} | training wall s |',
              '|---|---:|' + '---:|' * (len(PAPER_LAYERS) + 2 + len(seeds))]
     for name, runs in stage1.items():
