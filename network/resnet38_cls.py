@@ -19,9 +19,9 @@ FROZEN_LAYERS = ('conv1a', 'b2', 'b2_1', 'b2_2')
 
 
 class CAMClassifier(resnet38d.ResNet38):
-    def __init__(self, n_class=4, width=1.0, frozen=True, gamma=1.0, pda_mode='reference'):
-        super().__init__(width)
-        self.dropout7 = nn.Dropout2d(0.5)
+    def __init__(self, n_class=4, width=1.0, frozen=True, gamma=1.0, pda_mode='reference', dropout_scale=1.0):
+        super().__init__(width, dropout_scale)
+        self.dropout7 = nn.Dropout2d(0.5 * dropout_scale)
         self.fc8 = nn.Conv2d(self.out_channels, n_class, 1, bias=False)
         nn.init.xavier_uniform_(self.fc8.weight)
         self.gamma = gamma  # PDA threshold, updated by the training loop with pda.next_gamma

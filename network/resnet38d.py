@@ -70,7 +70,8 @@ class ResNet38(nn.Module):
     LAYERS = ('conv1a', 'b2', 'b2_1', 'b2_2', 'b3', 'b3_1', 'b3_2',
               'b4', 'b4_1', 'b4_2', 'b4_3', 'b4_4', 'b4_5', 'b5', 'b5_1', 'b5_2', 'b6', 'b7')
 
-    def __init__(self, width=1.0):
+    def __init__(self, width=1.0, dropout_scale=1.0):
+        """dropout_scale multiplies the reference's channel-dropout rates of b6 and b7 (1: theirs)."""
         super().__init__()
         unit = round(64 * width)
         if unit < 1:
@@ -102,8 +103,8 @@ class ResNet38(nn.Module):
         self.b5_1 = ResBlock(c(1024), c(512), c(1024), dilation=2)
         self.b5_2 = ResBlock(c(1024), c(512), c(1024), dilation=2)
 
-        self.b6 = BottleneckBlock(c(1024), c(2048), dilation=4, dropout=0.3)
-        self.b7 = BottleneckBlock(c(2048), c(4096), dilation=4, dropout=0.5)
+        self.b6 = BottleneckBlock(c(1024), c(2048), dilation=4, dropout=0.3 * dropout_scale)
+        self.b7 = BottleneckBlock(c(2048), c(4096), dilation=4, dropout=0.5 * dropout_scale)
 
         self.bn7 = nn.BatchNorm2d(c(4096))
         self.out_channels = c(4096)

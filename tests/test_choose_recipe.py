@@ -16,7 +16,7 @@ TINY_STAGE1 = {'a': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '1'],
                'b': ['--width', '0.0625', '--lr', '0.002', '--max_epoches', '2']}
 TINY_STAGE2 = {'s': ['--width', '0.25', '--lr', '0.01', '--epochs', '2']}
 SEEDS = (0, 1)
-CHOSEN = ('w16-lr01-e20-pda12', 's2-w25-lr03-e10')  # the reduced recipe's candidates
+CHOSEN = ('w16-lr01-e20-pda12-d05', 's2-w25-lr03-e10')  # the reduced recipe's candidates
 # the real candidates, kept before the search fixture replaces them with tiny ones for the module
 CANDIDATES = (choose_recipe.STAGE1_CANDIDATES, choose_recipe.STAGE2_CANDIDATES)
 

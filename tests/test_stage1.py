@@ -1,4 +1,5 @@
 """Stage-1 training and CAM test (tool/stages/stage1.py, 1_train_stage1.py) on tiny synthetic data."""
+import copy
 import json
 import math
 import os
@@ -93,6 +94,48 @@ def test_optimizer_groups_and_lrs_follow_the_reference_rule():
     args = stage1.get_args_parser().parse_args(['--momentum', '0.9'])
     assert stage1.make_optimizer(model, args).param_groups[0]['momentum'] == 0.9
 
+
+
+def test_adam_keeps_the_groups_and_its_fused_steps_equal_the_plain_ones():
+    torch.manual_seed(0)
+    model = CAMClassifier(4, WIDTH, frozen=False)
+    args = stage1.get_args_parser().parse_args(['--optimizer', 'adam', '--lr', '0.0003', '--wt_dec', '3e-4'])
+    optimizer = stage1.make_optimizer(model, args)
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults['fused']
+    np.testing.assert_allclose([g['lr'] for g in optimizer.param_groups], [0.0003, 0.0006, 0.003, 0.006], rtol=1e-12)
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [3e-4, 0, 3e-4, 0]
+    # the fused kernel against torch's plain per-tensor Adam on the same groups, five poly steps
+    twin, start = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    plain = torch.optim.Adam([{'params': params, 'lr': g['lr'], 'weight_decay': g['weight_decay']}
+                              for params, g in zip(twin.parameter_groups(), optimizer.param_groups, strict=True)],
+                             fused=False, foreach=False)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([[1., 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1], [0, 0, 1, 0]])
+    for step in range(5):
+        for net, opt in ((model, optimizer), (twin, plain)):
+            torch.manual_seed(step)  # the same dropout masks
+            set_learning_rate(opt, poly_lr(args.lr, step, 5), stage1.LR_SCALES)
+            opt.zero_grad()
+            F.multilabel_soft_margin_loss(net(images), labels).backward()
+            opt.step()
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # Adam moves a weight by about its rate a step
+    assert not torch.equal(model.fc8.weight, start['fc8.weight'])
+
+
+@pytest.mark.parametrize('scale', [1.0, 0.5, 0.0])
+def test_dropout_scale_multiplies_the_three_reference_rates_and_leaves_the_weights(scale):
+    args = stage1.get_args_parser().parse_args(['--weights', 'none', '--width', str(WIDTH),
+                                                '--dropout_scale', str(scale)])
+    model, _ = stage1.make_model(args)
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout2d)}
+    assert rates == {'b6.dropout_2b1': 0.3 * scale, 'b6.dropout_2b2': 0.3 * scale,
+                     'b7.dropout_2b1': 0.5 * scale, 'b7.dropout_2b2': 0.5 * scale, 'dropout7': 0.5 * scale}
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+        {k: v.shape for k, v in CAMClassifier(4, WIDTH, frozen=False).state_dict().items()}
+    if scale == 0:  # no dropout: training-mode logits are the same on every pass
+        images = torch.rand(2, 3, 32, 32)
+        model.train()
+        torch.testing.assert_close(model(images), model(images))
 
 def test_poly_schedule_per_iteration():
     model = CAMClassifier(4, WIDTH, frozen=False)

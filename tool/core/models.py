@@ -26,7 +26,7 @@ def built_aside(make_model):
 
 def classifier_from_state_dict(state_dict, path='checkpoint', **kwargs):
     """A CAMClassifier whose width and n_class fit `state_dict` (bare, 'module.'-prefixed or inside
-    {'state_dict': ...}), loaded strictly. kwargs: frozen, gamma, pda_mode."""
+    {'state_dict': ...}), loaded strictly. kwargs: frozen, gamma, pda_mode, dropout_scale."""
     state_dict = extract_state_dict(state_dict, path)
     for key in ('conv1a.weight', 'fc8.weight'):
         if key not in state_dict:
