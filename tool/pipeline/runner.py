@@ -123,9 +123,10 @@ CONFIGS = {
         'init_weights': [],
         # From random initialisation (no ImageNet weights here): every layer and BatchNorm trains,
         # with momentum 0.9 and the normalised PDA map (the defaults of --weights none).
-        # Half the reference's channel-dropout rates: they were set for 4096 features, and at 1/16
-        # of the width each dropped channel is 16 times their share (val pseudo-masks 0.888 ± 0.009
-        # against 0.881 ± 0.012 over six seeds; docs/results.md, "Half the dropout").
+        # Half the reference's channel-dropout rates: they were set for 4096 features; of the 256
+        # here each dropped channel takes 16 times the share, so the share dropped from a patch
+        # varies 4 times as much (val pseudo-masks 0.888 ± 0.009 against 0.881 ± 0.012 over six
+        # seeds; docs/results.md, "Half the dropout").
         'stage1': ['--weights', 'none', '--width', '0.0625', '--batch_size', '8',
                    '--lr', '0.01', '--dropout_scale', '0.5', '--num_workers', '0', '--device', 'cpu'],
         'pseudo_masks': ['--batch_size', '32', '--num_workers', '0', '--device', 'cpu'],
