@@ -95,7 +95,6 @@ def test_optimizer_groups_and_lrs_follow_the_reference_rule():
     assert stage1.make_optimizer(model, args).param_groups[0]['momentum'] == 0.9
 
 
-
 def test_adam_keeps_the_groups_and_its_fused_steps_equal_the_plain_ones():
     torch.manual_seed(0)
     model = CAMClassifier(4, WIDTH, frozen=False)
@@ -136,6 +135,16 @@ def test_dropout_scale_multiplies_the_three_reference_rates_and_leaves_the_weigh
         images = torch.rand(2, 3, 32, 32)
         model.train()
         torch.testing.assert_close(model(images), model(images))
+
+
+@pytest.mark.parametrize('scale', ['-0.5', '2.5'])
+def test_a_dropout_scale_that_makes_no_probability_stops_with_one_line(data, tmp_path, capsys, scale):
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_args(data, tmp_path, '--dropout_scale', scale))
+    assert stop.value.code == 2
+    assert f'--dropout_scale {float(scale):g}: must be between 0 and 2' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
 
 def test_poly_schedule_per_iteration():
     model = CAMClassifier(4, WIDTH, frozen=False)

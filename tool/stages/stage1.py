@@ -184,9 +184,9 @@ def make_model(args):
 
     Weights from a file get the reference's setting (frozen conv1a..b2_2 and BatchNorm), meant for
     ImageNet statistics; from random initialisation nothing may stay frozen."""
+    settings = {'gamma': args.init_gama, 'pda_mode': pda_mode(args), 'dropout_scale': args.dropout_scale}
     if from_scratch(args):
-        model = CAMClassifier(args.n_class, args.width, frozen=False, gamma=args.init_gama, pda_mode=pda_mode(args),
-                              dropout_scale=args.dropout_scale)
+        model = CAMClassifier(args.n_class, args.width, frozen=False, **settings)
         return model, 'random initialisation; every layer and BatchNorm trains'
     if not os.path.isfile(args.weights):
         raise InputError(f'{args.weights}: --weights file not found (give --weights none to train from '
@@ -202,15 +202,13 @@ def make_model(args):
         raise InputError(f'{args.weights}: holds a ResNet-38 of width {channels / 64:g}, '
                          f'but --width is {args.width:g}')
     if 'fc8.weight' in state_dict:
-        model = classifier_from_state_dict(state_dict, args.weights, frozen=True, gamma=args.init_gama,
-                                           pda_mode=pda_mode(args), dropout_scale=args.dropout_scale)
+        model = classifier_from_state_dict(state_dict, args.weights, frozen=True, **settings)
         if model.fc8.weight.shape[0] != args.n_class:
             raise InputError(f'{args.weights}: a classifier of {model.fc8.weight.shape[0]} classes, '
                              f'but --n_class is {args.n_class}')
         how = 'fine-tuning a stage-1 checkpoint'
     else:
-        model = load_classifier_backbone(CAMClassifier(args.n_class, args.width, frozen=True, gamma=args.init_gama,
-                                                       pda_mode=pda_mode(args), dropout_scale=args.dropout_scale),
+        model = load_classifier_backbone(CAMClassifier(args.n_class, args.width, frozen=True, **settings),
                                          state_dict, args.weights)
         how = 'backbone loaded, fc8 initialised'
     return model, f'{args.weights}: {how}; conv1a..b2_2 and every BatchNorm frozen (as the reference)'
@@ -459,6 +457,9 @@ def main(args):
             args.valroot = os.path.join(args.dataroot, 'val')
     if args.n_class != N_CLASS:
         raise InputError(f'--n_class {args.n_class}: the datasets have {N_CLASS} classes')
+    if not 0 <= args.dropout_scale <= 2:
+        raise InputError(f'--dropout_scale {args.dropout_scale:g}: must be between 0 and 2 (the largest rate, 0.5, '
+                         f'times it must be a probability)')
     init_distributed_mode(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)  # the initialisation; each epoch is seeded by seed_epoch
