@@ -3,6 +3,7 @@ scores only (mean over seeds, within the time budgets), reports what the stages 
 retrain candidates that are done."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_search_chooses_on_the_val_pseudo_masks_and_reports_val_scores_only(sear
     assert f'| **{chosen}** | {sum(cams) / 2:.4f} ± {sd:.4f} |' in table
     assert ' | '.join(f'{runs[str(s)]["pm_val_weighted"]:.4f}' for s in SEEDS) in table
     assert '| **s** |' in table and 'test' not in table
-    assert set(record) == {'dataroot', 'seeds', 'restarts', 'stage1_budget_s', 'stage2_budget_s', 'stage1', 'stage2',
+    assert set(record) == {'dataroot', 'seeds', 'restarts', 'pseudo_masks', 'stage1_budget_s', 'stage2_budget_s', 'stage1', 'stage2',
                            'choice'}
 
 
@@ -135,6 +136,44 @@ def test_with_restarts_a_seed_keeps_its_best_restart_and_stage_2_trains_on_it(se
     assert sorted(p.relative_to(out).as_posix() for p in out.glob('a/seed-*/PM_train')) == [f'a/seed-{kept}/PM_train']
     assert read_json(out / 'a' / f'seed-{kept}' / 's' / 'stage2_run_args.json')['args']['seed'] == 0
     assert record['restarts'] == 2
+
+
+@pytest.mark.slow
+def test_pseudo_mask_candidates_share_the_stage_1_runs(search, tmp_path):
+    """--pseudo_masks pm pm-d4: each stage-1 run gets both kinds of pseudo-masks, the d4 ones in a
+    folder of their own; nothing is trained again, and stage 2 trains on the chosen kind."""
+    root, _ = search
+    shutil.copytree(root / 'out' / 'a', tmp_path / 'a', symlinks=True)
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / 'a').glob('seed-*/stage1_checkpoint_trained_on_luad.pth')}
+    patch = tiny_candidates()
+    run_script = choose_recipe.run_script
+    patch.setattr(choose_recipe, 'run_script', lambda argv, log_path: pytest.fail('stage 1 trained again')
+                  if argv[0] == '1_train_stage1.py' else run_script(argv, log_path))
+    try:
+        args = choose_recipe.get_args_parser().parse_args(
+            ['--dataroot', str(root / 'data'), '--out', str(tmp_path), '--seeds', *map(str, SEEDS), '--stage1', 'a',
+             '--pseudo_masks', 'pm', 'pm-d4', '--stage2', 's'])
+        assert run_cli(choose_recipe.main, args) is None
+    finally:
+        patch.undo()
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+    record, first = read_json(tmp_path / 'recipe_search.json'), read_json(root / 'out' / 'recipe_search.json')
+    assert list(record['stage1']) == ['a', 'a+pm-d4'] and record['pseudo_masks'] == ['pm', 'pm-d4']
+    assert record['stage1']['a'] == first['stage1']['a']  # the reference's way: the same masks, reused
+    for seed in SEEDS:
+        folder = tmp_path / 'a' / f'seed-{seed}' / 'pm-d4'
+        d4 = record['stage1']['a+pm-d4'][str(seed)]
+        layers = read_json(folder / 'PM_val' / 'pseudo_mask_metrics.json')['layers']
+        assert d4['pm_val'] == {layer: layers[layer]['miou'] for layer in PAPER_LAYERS}
+        assert (d4['cam_val'], d4['wall_s']) == (first['stage1']['a'][str(seed)]['cam_val'],
+                                                first['stage1']['a'][str(seed)]['wall_s'])
+        assert read_json(folder / 'PM_val' / 'generate_pm_args.json')['args']['tta'] == 'd4'
+    chosen = record['choice']['stage1']
+    for seed in SEEDS:
+        folder = tmp_path / 'a' / f'seed-{seed}' / ('pm-d4' if chosen == 'a+pm-d4' else '')
+        assert read_json(folder / 's' / 'stage2_run_args.json')['args']['dataroot'] == str(folder / 'data')
+        assert os.path.realpath(folder / 'data' / 'train_PM') == str(folder / 'PM_train')
+    assert '| a+pm-d4 |' in (tmp_path / 'recipe_search.md').read_text().replace('**', '')
 
 
 def test_a_seed_keeps_its_best_restart_the_first_of_equal_ones():

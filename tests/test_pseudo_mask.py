@@ -18,6 +18,7 @@ from tool.core.models import classifier_from_state_dict
 from tool.data.datasets import DATASETS
 from tool.data.patches import parse_label, read_mask, read_rgb
 from tool.data.synth import write_dataset
+from tool.method.dihedral import TRANSFORMS, mean_over_symmetries
 from tool.method.gradcam import multi_layer_grad_cam
 from tool.method.metrics import ConfusionMatrix
 from tool.method.pseudo_mask import background_mask, normalise, pseudo_mask
@@ -247,6 +248,25 @@ def test_cli_val_split_labels_each_patch_with_the_classes_in_its_mask(tiny_setup
             assert set(np.unique(mask)) <= {*np.flatnonzero(label), 4}  # no class outside the mask's
             matrix.update(truth, mask)
         assert record['layers'][layer]['miou'] == pytest.approx(matrix.scores()['miou'])
+
+
+def test_cli_tta_d4_makes_the_masks_of_the_mean_over_the_eight_symmetries(tiny_setup, tmp_path):
+    root, out = tiny_setup, tmp_path / 'train_PM'
+    run(root, out, '--tta', 'd4', '--batch_size', '1')
+    model = classifier_from_state_dict(read_state_dict(str(root / 'tiny.pth'))).eval()
+    changed = 0
+    for name in sorted(os.listdir(root / 'synth' / 'train')):
+        rgb = read_rgb(root / 'synth' / 'train' / name)
+        images = torch.from_numpy(rgb.transpose(2, 0, 1) / np.float32(255))[None]
+        label, background = parse_label(name, 'luad'), background_mask(rgb)
+        cams = mean_over_symmetries(lambda x: multi_layer_grad_cam(model, x), images, TRANSFORMS['d4'])
+        plain = multi_layer_grad_cam(model, images)
+        for layer in LAYERS:
+            mask = read_mask(out / f'PM_{layer}' / name)
+            np.testing.assert_array_equal(mask, pseudo_mask(cams[layer][0].numpy(), label, background))
+            changed += int((mask != pseudo_mask(plain[layer][0].numpy(), label, background)).sum())
+    assert changed > 0  # not the masks of the patch alone
+    assert json.loads((out / 'generate_pm_args.json').read_text())['args']['tta'] == 'd4'
 
 
 def test_cam_pictures_use_opencvs_jet_within_3_levels_of_the_formula_it_replaced():

@@ -19,11 +19,15 @@ processes with one thread, --jobs at a time; a candidate whose outputs exist is 
 a killed search resumes, and a later search with more seeds or fewer candidates reuses the runs
 it shares with an earlier one. With --restarts N a candidate's result at a seed is the best of N
 restarts, as the pipeline's --stage1_restarts keeps it (restart k trains at seed + 1000 k, in the
-folder of that seed), and stage 2 trains on the kept restart's pseudo-masks.
+folder of that seed), and stage 2 trains on the kept restart's pseudo-masks. With --pseudo_masks
+pm pm-d4 every stage-1 run is also scored with its pseudo-masks made over the patch's eight
+symmetries (2_generate_PM.py --tta d4), without training again; each pairing is a row
+(`<stage 1>+pm-d4`), chosen by the same rule.
 
 Layout of --out: <stage-1 candidate>/seed-<s>/ (its checkpoint and logs, PM_val/, PM_train/ for
 the one chosen, data/ the dataset's splits with train_PM -> ../PM_train), inside it <stage-2
-candidate>/, and recipe_search.md (the tables) and recipe_search.json.
+candidate>/ (the same inside <stage-1 candidate>/seed-<s>/pm-d4/ for the d4 pseudo-masks),
+and recipe_search.md (the tables) and recipe_search.json.
 """
 import argparse
 import json
@@ -82,6 +86,12 @@ STAGE2_CANDIDATES = {
     's2-w25-lr03-e10': ['--width', '0.25', '--lr', '0.03', '--epochs', '10'],
     's2-w25-lr03-e15': ['--width', '0.25', '--lr', '0.03', '--epochs', '15'],
 }
+# How the pseudo-masks are made from a stage-1 candidate's Grad-CAMs: on the patch alone, as the
+# reference, or as the mean over the patch's eight rotations and mirror images (tool/method/dihedral.py).
+PSEUDO_MASK_CANDIDATES = {
+    'pm': [],
+    'pm-d4': ['--tta', 'd4'],
+}
 STAGE1_FIXED = ['--weights', 'none', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu']
 PSEUDO_MASK_FIXED = ['--batch_size', '32', '--num_workers', '0', '--device', 'cpu']
 STAGE2_FIXED = ['--backbone', 'resnet18', '--resume', 'none', '--batch-size', '8', '--workers', '0',
@@ -98,6 +108,9 @@ def get_args_parser():
                         help='every candidate is trained at each seed; the choice is by the mean')
     parser.add_argument('--stage1', nargs='+', choices=sorted(STAGE1_CANDIDATES), metavar='NAME',
                         default=list(STAGE1_CANDIDATES), help='the stage-1 candidates to run (default: all)')
+    parser.add_argument('--pseudo_masks', nargs='+', choices=sorted(PSEUDO_MASK_CANDIDATES), metavar='NAME',
+                        default=['pm'], help='how each stage-1 candidate\'s pseudo-masks are made (default: pm, the '
+                                             'reference\'s way); several: each stage-1 candidate with each')
     parser.add_argument('--stage2', nargs='+', choices=sorted(STAGE2_CANDIDATES), metavar='NAME',
                         default=list(STAGE2_CANDIDATES), help='the stage-2 candidates to run (default: all)')
     parser.add_argument('--restarts', default=1, type=int, metavar='N',
@@ -124,19 +137,35 @@ def stage1_folder(args, name, seed):
     return os.path.join(args.out, name, f'seed-{seed}')
 
 
-def pseudo_masks(args, folder, split):
-    """The candidate's pseudo-masks of one split (val: scored against val/mask). 2_generate_PM.py
-    skips the patches that are done, so running it again on a finished split costs a start."""
+def variant_name(stage1, pm):
+    """The name of a stage-1 candidate whose pseudo-masks are made the `pm` way."""
+    return stage1 if pm == 'pm' else f'{stage1}+{pm}'
+
+
+def variant_folder(args, stage1, pm, seed):
+    """Where the `pm` pseudo-masks of a stage-1 run and what is trained on them go: the run's
+    folder itself for the reference's way, else a folder named after `pm` inside it."""
+    folder = stage1_folder(args, stage1, seed)
+    return folder if pm == 'pm' else os.path.join(folder, pm)
+
+
+def pseudo_masks(args, stage1, pm, seed, split):
+    """The pseudo-masks of one split (val: scored against val/mask) from one stage-1 run, made the
+    `pm` way. 2_generate_PM.py skips the patches that are done, so running it again on a finished
+    split costs a start."""
+    folder = variant_folder(args, stage1, pm, seed)
     out = os.path.join(folder, f'PM_{split}')
     if not os.path.isfile(os.path.join(out, 'pseudo_mask_metrics.json')):
-        run_script(['2_generate_PM.py', '--dataroot', args.dataroot, '--dataset', args.dataset, '--weights',
-                    os.path.join(folder, f'stage1_checkpoint_trained_on_{args.dataset}.pth'), '--split', split,
-                    '--out', out, *PSEUDO_MASK_FIXED], os.path.join(folder, f'pm_{split}.log'))
+        os.makedirs(folder, exist_ok=True)
+        weights = os.path.join(stage1_folder(args, stage1, seed), f'stage1_checkpoint_trained_on_{args.dataset}.pth')
+        run_script(['2_generate_PM.py', '--dataroot', args.dataroot, '--dataset', args.dataset, '--weights', weights,
+                    '--split', split, '--out', out, *PSEUDO_MASK_FIXED, *PSEUDO_MASK_CANDIDATES[pm]],
+                   os.path.join(folder, f'pm_{split}.log'))
     return out
 
 
 def stage1_candidate(args, name, seed):
-    """Train one stage-1 candidate at one seed (unless done); returns its val scores."""
+    """Train one stage-1 candidate at one seed (unless done); returns its val CAMs and training time."""
     folder = stage1_folder(args, name, seed)
     os.makedirs(folder, exist_ok=True)
     timing = os.path.join(folder, 'candidate_time.json')
@@ -146,10 +175,14 @@ def stage1_candidate(args, name, seed):
                     folder, *STAGE1_FIXED, *STAGE1_CANDIDATES[name], '--seed', str(seed)],
                    os.path.join(folder, 'stage1.log'))
         save_text(json.dumps({'wall_s': round(time.perf_counter() - started)}) + '\n', timing)
-    pm_val = pseudo_mask_scores(pseudo_masks(args, folder, 'val'))
-    return {'cam_val': read_json(os.path.join(folder, 'stage1_val_metrics.json'))['miou'], 'pm_val': pm_val,
-            'pm_val_weighted': loss_weighted(pm_val),
+    return {'cam_val': read_json(os.path.join(folder, 'stage1_val_metrics.json'))['miou'],
             'wall_s': read_json(timing)['wall_s']}
+
+
+def pseudo_mask_candidate(args, trained, stage1, pm, seed):
+    """The val scores of a trained stage-1 candidate with its pseudo-masks made the `pm` way."""
+    pm_val = pseudo_mask_scores(pseudo_masks(args, stage1, pm, seed, 'val'))
+    return {**trained[stage1][seed], 'pm_val': pm_val, 'pm_val_weighted': loss_weighted(pm_val)}
 
 
 def kept_restart(runs, seed, restarts):
@@ -177,10 +210,12 @@ def stage2_candidate(args, folder, name, seed):
     return {'val_miou': best['miou'], 'epoch': best['epoch'], 'epochs': len(val), 'wall_s': read_json(timing)['wall_s']}
 
 
-def stage2_data(args, folder):
-    """<folder>/PM_train, the stage-1 candidate's pseudo-masks of the training patches, and <folder>/data:
-    the dataset's splits with train_PM -> ../PM_train (stage 2 reads DATAROOT/train_PM)."""
-    pseudo_masks(args, folder, 'train')
+def stage2_data(args, stage1, pm, seed):
+    """The folder of a stage-1 run's `pm` pseudo-masks, holding PM_train (those of the training
+    patches) and data/: the dataset's splits with train_PM -> ../PM_train (stage 2 reads
+    DATAROOT/train_PM)."""
+    pseudo_masks(args, stage1, pm, seed, 'train')
+    folder = variant_folder(args, stage1, pm, seed)
     view = os.path.join(folder, 'data')
     if not os.path.isdir(view):
         os.makedirs(view)
@@ -261,18 +296,22 @@ def main(args):
     trained_seeds = sorted({restart_seed(seed, k) for seed in args.seeds for k in range(args.restarts)})
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = run_all(pool, lambda name, seed: stage1_candidate(args, name, seed), args.stage1, trained_seeds)
-        stage1 = {name: {seed: kept_restart(runs, seed, args.restarts) for seed in args.seeds}
-                  for name, runs in trained.items()}
+        variants = {variant_name(name, pm): (name, pm) for name in args.stage1 for pm in args.pseudo_masks}
+        scored = run_all(pool, lambda variant, seed: pseudo_mask_candidate(args, trained, *variants[variant], seed),
+                         variants, trained_seeds)
+        stage1 = {variant: {seed: kept_restart(runs, seed, args.restarts) for seed in args.seeds}
+                  for variant, runs in scored.items()}
         choice = {'stage1': choose(stage1, 'pm_val_weighted', args.stage1_budget_s, '--stage1_budget_s')}
-        kept = {seed: stage1_folder(args, choice['stage1'], run['trained_seed'])
-                for seed, run in stage1[choice['stage1']].items()}
-        list(pool.map(lambda seed: stage2_data(args, kept[seed]), args.seeds))
-        stage2 = run_all(pool, lambda name, seed: stage2_candidate(args, kept[seed], name, seed),
-                         args.stage2, args.seeds)
+        name, pm = variants[choice['stage1']]
+        kept = {seed: run['trained_seed'] for seed, run in stage1[choice['stage1']].items()}
+        list(pool.map(lambda seed: stage2_data(args, name, pm, kept[seed]), args.seeds))
+        stage2 = run_all(pool, lambda s2, seed: stage2_candidate(args, variant_folder(args, name, pm, kept[seed]),
+                                                                 s2, seed), args.stage2, args.seeds)
     choice['stage2'] = choose(stage2, 'val_miou', args.stage2_budget_s, '--stage2_budget_s')
     table = tables(stage1, stage2, choice, args.seeds)
     save_text(table, os.path.join(args.out, 'recipe_search.md'))
     save_text(json.dumps({'dataroot': args.dataroot, 'seeds': args.seeds, 'restarts': args.restarts,
+                          'pseudo_masks': args.pseudo_masks,
                           'stage1_budget_s': args.stage1_budget_s,
                           'stage2_budget_s': args.stage2_budget_s, 'stage1': stage1, 'stage2': stage2,
                           'choice': choice}, indent=2) + '\n', os.path.join(args.out, 'recipe_search.json'))

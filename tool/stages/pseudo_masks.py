@@ -13,7 +13,8 @@ do), the pseudo-masks are scored against it: a table and <out>/pseudo_mask_metri
 dataset has no such truth, so this is a diagnostic. What a user can measure is `--split val`: the
 same rule on the val patches, each labelled with the classes in its mask as a training patch is
 with the classes it holds, scored against val/mask (masks to <dataroot>/val_PM by default); the
-pseudo-mask score a recipe is chosen by.
+pseudo-mask score a recipe is chosen by. With --tta d4 each patch's Grad-CAMs are the mean over its
+eight rotations and mirror images, each mapped back (tool/method/dihedral.py), before the rule.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ from tool.core.models import classifier_from_state_dict
 from tool.core.runtime import configure_cuda_speed, data_workers, resolve_device, seed_everything, write_run_record
 from tool.data.datasets import DATASETS, N_CLASS
 from tool.data.patches import TissueDataset, colourise, image_to_rgb, read_mask
+from tool.method.dihedral import TRANSFORMS, mean_over_symmetries
 from tool.method.gradcam import multi_layer_grad_cam
 from tool.method.metrics import ConfusionMatrix, format_table, scores_to_json
 from tool.method.paper_layers import PAPER_LAYERS, PSEUDO_MASK_ROOT, pseudo_mask_folder
@@ -73,6 +75,9 @@ def get_args_parser(add_help=True):
                         help='background class 4 on white non-tissue: auto = white for luad and custom, '
                              'none for bcss (white fat is tissue there), as the reference')
     parser.add_argument('--labels_csv', help='labels of a --dataset custom train folder (rows file,a,b,c,d)')
+    parser.add_argument('--tta', default='none', choices=tuple(TRANSFORMS),
+                        help='Grad-CAMs of each patch: none = of the patch alone, as the reference; d4 = the mean '
+                             'over its eight rotations and mirror images, each mapped back (8 times the work)')
     parser.add_argument('--overwrite', action='store_true', help='recompute patches whose masks already exist')
     parser.add_argument('--save_cam', action='store_true',
                         help='also write OUT/cam_vis/<patch>_<layer>.png: the patch, its pseudo-mask over it, '
@@ -221,7 +226,8 @@ def main(args):
     for items in tqdm(loader, desc='pseudo-masks', disable=not is_main_process(), dynamic_ncols=True):
         for group in same_size_groups(items):
             images = torch.stack([item['image'] for item in group]).to(device)
-            cams = {layer: c.cpu().numpy() for layer, c in multi_layer_grad_cam(model, images, layers).items()}
+            cams = mean_over_symmetries(lambda x: multi_layer_grad_cam(model, x, layers), images, TRANSFORMS[args.tta])
+            cams = {layer: c.cpu().numpy() for layer, c in cams.items()}
             for i, item in enumerate(group):
                 rgb = image_to_rgb(item['image'])
                 background = background_mask(rgb) if white_is_background else None
