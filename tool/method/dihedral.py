@@ -31,6 +31,8 @@ def mean_over_symmetries(maps_of, images, transforms):
     mapped back onto the patches. maps_of: images -> {name: (B, C, H, W) maps of those images}.
     With the identity alone, maps_of(images) itself. Non-square patches work: a quarter turn
     swaps H and W and the inverse swaps them back."""
+    # Not through the loop: the reference's masks need its maps bit for bit, and the loop's
+    # copy of the identity view does not give them (tests/test_dihedral.py).
     if transforms == TRANSFORMS['none']:
         return maps_of(images)
     total = {}

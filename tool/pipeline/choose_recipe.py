@@ -88,8 +88,9 @@ STAGE2_CANDIDATES = {
 }
 # How the pseudo-masks are made from a stage-1 candidate's Grad-CAMs: on the patch alone, as the
 # reference, or as the mean over the patch's eight rotations and mirror images (tool/method/dihedral.py).
+REFERENCE_PM = 'pm'
 PSEUDO_MASK_CANDIDATES = {
-    'pm': [],
+    REFERENCE_PM: [],
     'pm-d4': ['--tta', 'd4'],
 }
 STAGE1_FIXED = ['--weights', 'none', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu']
@@ -109,7 +110,7 @@ def get_args_parser():
     parser.add_argument('--stage1', nargs='+', choices=sorted(STAGE1_CANDIDATES), metavar='NAME',
                         default=list(STAGE1_CANDIDATES), help='the stage-1 candidates to run (default: all)')
     parser.add_argument('--pseudo_masks', nargs='+', choices=sorted(PSEUDO_MASK_CANDIDATES), metavar='NAME',
-                        default=['pm'], help='how each stage-1 candidate\'s pseudo-masks are made (default: pm, the '
+                        default=[REFERENCE_PM], help='how each stage-1 candidate\'s pseudo-masks are made (default: pm, the '
                                              'reference\'s way); several: each stage-1 candidate with each')
     parser.add_argument('--stage2', nargs='+', choices=sorted(STAGE2_CANDIDATES), metavar='NAME',
                         default=list(STAGE2_CANDIDATES), help='the stage-2 candidates to run (default: all)')
@@ -139,14 +140,14 @@ def stage1_folder(args, name, seed):
 
 def variant_name(stage1, pm):
     """The name of a stage-1 candidate whose pseudo-masks are made the `pm` way."""
-    return stage1 if pm == 'pm' else f'{stage1}+{pm}'
+    return stage1 if pm == REFERENCE_PM else f'{stage1}+{pm}'
 
 
 def variant_folder(args, stage1, pm, seed):
     """Where the `pm` pseudo-masks of a stage-1 run and what is trained on them go: the run's
     folder itself for the reference's way, else a folder named after `pm` inside it."""
     folder = stage1_folder(args, stage1, seed)
-    return folder if pm == 'pm' else os.path.join(folder, pm)
+    return folder if pm == REFERENCE_PM else os.path.join(folder, pm)
 
 
 def pseudo_masks(args, stage1, pm, seed, split):
@@ -211,9 +212,8 @@ def stage2_candidate(args, folder, name, seed):
 
 
 def stage2_data(args, stage1, pm, seed):
-    """The folder of a stage-1 run's `pm` pseudo-masks, holding PM_train (those of the training
-    patches) and data/: the dataset's splits with train_PM -> ../PM_train (stage 2 reads
-    DATAROOT/train_PM)."""
+    """In the folder of a stage-1 run's `pm` pseudo-masks: PM_train (those of the training patches)
+    and data/, the dataset's splits with train_PM -> ../PM_train (stage 2 reads DATAROOT/train_PM)."""
     pseudo_masks(args, stage1, pm, seed, 'train')
     folder = variant_folder(args, stage1, pm, seed)
     view = os.path.join(folder, 'data')
