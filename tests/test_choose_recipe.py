@@ -11,15 +11,15 @@ from tool.core.errors import InputError, run_cli
 from tool.data.synth import write_dataset
 from tool.method.paper_layers import PAPER_LAYERS
 from tool.pipeline import choose_recipe, runner
-from tool.stages import stage1, stage2
+from tool.stages import pseudo_masks, stage1, stage2
 
 TINY_STAGE1 = {'a': ['--width', '0.0625', '--lr', '0.01', '--max_epoches', '1'],
                'b': ['--width', '0.0625', '--lr', '0.002', '--max_epoches', '2']}
 TINY_STAGE2 = {'s': ['--width', '0.25', '--lr', '0.01', '--epochs', '2']}
 SEEDS = (0, 1)
-CHOSEN = ('w16-lr01-e20-pda12-d05', 's2-w25-lr03-e10')  # the reduced recipe's candidates
+CHOSEN = ('w16-lr01-e20-pda12-d05', 'pm-d4', 's2-w25-lr03-e10')  # the reduced recipe's candidates
 # the real candidates, kept before the search fixture replaces them with tiny ones for the module
-CANDIDATES = (choose_recipe.STAGE1_CANDIDATES, choose_recipe.STAGE2_CANDIDATES)
+CANDIDATES = (choose_recipe.STAGE1_CANDIDATES, choose_recipe.PSEUDO_MASK_CANDIDATES, choose_recipe.STAGE2_CANDIDATES)
 
 
 def read_json(path):
@@ -213,7 +213,7 @@ def test_search_needs_a_val_split(tmp_path):
 
 def test_the_reduced_recipe_runs_the_chosen_candidates(tmp_path):
     """On the embedded data, `--config reduced` trains exactly what the search chose (docs/results.md,
-    "Choosing the recipe"): the same parsed arguments in both stages, but for the gate, which the
+    "Choosing the recipe"): the same parsed arguments in each stage, but for the gate, which the
     search leaves off since it does not change training."""
     reduced = runner.CONFIGS['reduced']
     for i in range(reduced['synthetic']['train']):
@@ -221,8 +221,9 @@ def test_the_reduced_recipe_runs_the_chosen_candidates(tmp_path):
     length = runner.training_length(reduced, str(tmp_path))
     for stage, parser, chosen, fixed in (
             ('stage1', stage1.get_args_parser(), CANDIDATES[0][CHOSEN[0]], choose_recipe.STAGE1_FIXED),
-            ('stage2', stage2.get_args_parser(), CANDIDATES[1][CHOSEN[1]], choose_recipe.STAGE2_FIXED)):
-        pipeline = vars(parser.parse_args([*reduced[stage], *length[stage]]))
+            ('pseudo_masks', pseudo_masks.get_args_parser(), CANDIDATES[1][CHOSEN[1]], choose_recipe.PSEUDO_MASK_FIXED),
+            ('stage2', stage2.get_args_parser(), CANDIDATES[2][CHOSEN[2]], choose_recipe.STAGE2_FIXED)):
+        pipeline = vars(parser.parse_args([*reduced[stage], *length.get(stage, [])]))
         search = vars(parser.parse_args([*fixed, *chosen]))
         for parsed in (pipeline, search):
             parsed.pop('Is_GM', None)

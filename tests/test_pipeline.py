@@ -3,8 +3,10 @@ every stage script as a child process, the run folder, the summary and the conta
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -356,6 +358,23 @@ def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
     assert not os.path.exists(os.path.join(folder, 'pseudo_masks'))
     assert not os.path.exists(os.path.join(folder, 'summary.json'))
     assert not os.path.exists(os.path.join(folder, 'fully_supervised', 'test_metrics.json'))
+
+
+def test_a_stage_waited_for_late_is_timed_to_its_own_end(tmp_path):
+    """The baseline beside the chain is waited for when the chain needs it, often long after it
+    ended: its wall time still ends with it, its CPU time is its own and not a sibling's, and a
+    stage stopped while it runs ends at once."""
+    busy = runner.Stage('busy', ['-c', 'import time\nt = time.process_time()\n'
+                                       'while time.process_time() - t < 0.5: pass'], str(tmp_path), 1)
+    short = runner.Stage('short', ['-c', 'import time; time.sleep(0.3)'], str(tmp_path), 1)
+    endless = runner.Stage('endless', ['-c', 'import time; time.sleep(60)'], str(tmp_path), 1)
+    assert busy.wait()['cpu_s'] >= 0.5
+    time.sleep(1.5)
+    assert not short.running() and endless.running()
+    timing = short.wait()
+    assert 0.3 <= timing['wall_s'] < 1.5 and timing['cpu_s'] < 0.4, timing
+    endless.stop()
+    assert not endless.running() and endless.process.returncode == -signal.SIGTERM
 
 
 @pytest.mark.slow
